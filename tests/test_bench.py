@@ -1,0 +1,378 @@
+"""The benchmark harness (``bench``): its CPU smoke run, its data, its truth and its parts.
+
+The GPU numbers themselves come from ``python -m bench`` on a GPU; here the same code runs
+on the CPU at tiny sizes, and each piece is checked against an independent computation.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import cli, methods, report
+from bench.kernels import Refused, guarded
+from bench.measure import measure
+from bench.problems import IGNORE_INDEX, Shape, make_problem, parse_shape
+from bench.records import SCHEMA, json_safe
+from bench.truth import float32_truth, relative_error
+from reference.linear_cross_entropy import linear_cross_entropy
+
+ROOT = Path(__file__).resolve().parent.parent
+STATUSES = {"ok", "unavailable", "skipped", "refused", "oom", "error"}
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    """One ``python -m bench --smoke`` run in a subprocess, as CI and users call it."""
+    out = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_writes_one_finished_file_per_part(smoke_dir):
+    files = sorted(smoke_dir.glob("*.json"))
+    assert sorted(f.name.split("_")[0] for f in files) == sorted(cli.PARTS)
+    for f in files:
+        doc = json.loads(f.read_text())  # strict JSON: no NaN
+        assert doc["schema"] == SCHEMA and doc["finished"] is True
+        assert doc["machine"]["device"] == "cpu"
+        assert doc["versions"]["torch"] == torch.__version__
+        assert doc["provenance"].startswith("python -m bench --smoke")
+        assert doc["records"], f.name
+        assert {r["status"] for r in doc["records"]} <= STATUSES
+        assert {r["part"] for r in doc["records"]} == {doc["part"]}
+
+
+def test_smoke_kernel_records(smoke_dir):
+    records = report.load_results(smoke_dir)
+    kernel = [r for r in records if r["bench"] == "kernel" and r["part"] == "shapes"]
+    for shape in ("48x32x80", "40x16x100"):
+        for data in ("uniform", "peaked"):
+            got = {r["method"]: r for r in kernel if r["shape"] == shape and r["data"] == data}
+            assert got["cublas_3mm_bound"]["status"] == "ok" and got["cublas_3mm_bound"]["ms"] > 0
+            for name in ("torch_eager", "reference_chunked"):
+                r = got[name]
+                assert r["status"] == "ok", r
+                assert r["ms"] > 0 and r["vs_bound"] == pytest.approx(r["ms"] / got["cublas_3mm_bound"]["ms"], rel=1e-2)
+                assert r["peak_mib"] is None  # no allocator statistics on the CPU
+                # bf16 against the float32 truth: about 2**-8 relative, never worse than 3%.
+                assert 0 < r["gh_rel"] < 0.03 and 0 < r["gw_rel"] < 0.03
+                assert abs(r["loss"] - got["float32_truth"]["loss"]) < 0.05
+            fused = {m: r for m, r in got.items() if m.startswith("fused@")}
+            assert set(fused) == {"fused@2KiB", "fused@liger", "fused@8KiB", "fused@default"}
+            # No peer runs in the smoke run, so the Liger-sized budget has nothing to copy.
+            assert fused["fused@liger"]["status"] == "unavailable"
+            assert {r["status"] for r in fused.values()} <= {"ok", "unavailable"}
+    assert not any(r.get("method") in ("liger_flce", "cce", "torch_compile") for r in records)
+
+
+def test_smoke_sweeps_reuse_measured_shapes(smoke_dir):
+    records = report.load_results(smoke_dir)
+    tokens = {(r["shape"], r["method"]): r for r in records if r["part"] == "tokens"}
+    assert {s for s, _ in tokens} == {"16x32x80", "48x32x80", "96x32x80"}
+    assert tokens[("48x32x80", "torch_eager")]["reused_from"] == "shapes"
+    assert "reused_from" not in tokens[("16x32x80", "torch_eager")]
+    vocabs = {r["shape"] for r in records if r["part"] == "vocabs"}
+    assert vocabs == {"48x32x64", "48x32x80", "48x32x200"}
+    assert {r["data"] for r in records if r["part"] in ("tokens", "vocabs")} == {"peaked"}
+
+
+def test_smoke_e2e_records(smoke_dir):
+    e2e = {r["variant"]: r for r in report.load_results(smoke_dir) if r["bench"] == "e2e"}
+    assert set(e2e) == {"stock", "fused"}
+    stock = e2e["stock"]
+    assert stock["status"] == "ok" and stock["ms"] > 0
+    # A random model predicts nearly uniformly over its 160 tokens.
+    assert abs(stock["loss"] - math.log(160)) < 0.5
+    fused = e2e["fused"]
+    if fused["status"] == "ok":
+        assert fused["loss"] == pytest.approx(stock["loss"], abs=2e-2)
+        assert "patched" in fused["note"]
+    else:
+        assert fused["status"] == "unavailable"
+
+
+def test_time_budget_skips_the_rest(tmp_path):
+    assert cli.main(["--smoke", "--out", str(tmp_path), "--parts", "shapes", "--time-budget-s", "1e-9"]) == 0
+    (doc,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    records = doc["records"]
+    assert records and {r["status"] for r in records} == {"skipped"}
+    assert {r["method"] for r in records} == {"float32_truth", "cublas_3mm_bound", "torch_eager", "reference_chunked", "fused"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--methods", "torch_eager,nope"], ["--shapes", "8x8"], ["--budgets", "32MB"], ["--parts", "all"], ["--chunk-sizes", "0"],
+     ["--chunk-sizes", "64x0"]],
+)
+def test_bad_arguments_are_refused(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_gpu_defaults_and_cuda_check(tmp_path):
+    args = cli.parse_args(["--out", str(tmp_path)])
+    assert [str(s) for s in args.shapes] == ["8192x2048x128256", "8192x2304x256000", "16384x4096x151936", "4096x4096x32000"]
+    assert [s.tokens for s in args.token_sweep] == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    assert {(s.hidden, s.vocab) for s in args.token_sweep} == {(2048, 128256)}
+    assert [s.vocab for s in args.vocab_sweep] == [32000, 49152, 128256, 151936, 262144]
+    assert args.budgets == [32 << 20, "liger", 512 << 20, "default"] and args.chunk_itemsize == 2
+    assert args.methods == list(methods.METHOD_NAMES) and args.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
+    if not torch.cuda.is_available():
+        assert cli.main(["--out", str(tmp_path), "--parts", "shapes"]) == 2
+
+
+def test_parse_shape_and_budget():
+    assert parse_shape("8192x2048x128256") == Shape(8192, 2048, 128256)
+    for bad in ("8192x2048", "8x-1x3", "0x2x3", "axbxc"):
+        with pytest.raises(ValueError):
+            parse_shape(bad)
+    assert methods.parse_budget("32MiB") == 32 * 2**20
+    assert methods.parse_budget("1gib") == 2**30 and methods.parse_budget("4096") == 4096
+    assert methods.parse_budget("Liger") == "liger" and methods.parse_budget("default") == "default"
+    for bad in ("32MB", "0MiB", "-1", "", "lots"):
+        with pytest.raises(ValueError):
+            methods.parse_budget(bad)
+
+
+def test_parse_chunk_setting():
+    assert methods.parse_chunk_setting("1024") == 1024
+    assert methods.parse_chunk_setting("1024x16384") == (1024, 16384)
+    for bad in ("0", "1024x", "x5", "1x2x3", "-4", "big"):
+        with pytest.raises(ValueError):
+            methods.parse_chunk_setting(bad)
+
+
+def test_chunk_size_for_budget():
+    # 32 MiB of bf16 logits at Llama 3's vocabulary: 130 rows (130 * 128256 * 2 <= 2**25 < 131 * ...).
+    assert methods.chunk_size_for_budget(32 << 20, 128256, 2) == 130
+    assert methods.chunk_size_for_budget(512 << 20, 262144, 2) == 1024
+    assert methods.chunk_size_for_budget(10, 128256, 2) == 1  # never zero rows
+    with pytest.raises(ValueError):
+        methods.chunk_size_for_budget(0, 128256, 2)
+
+
+def test_fused_settings_call_the_kernel_with_their_knobs(monkeypatch):
+    calls = []
+
+    def kernel(h, w, y, *, chunk_size=None, vocab_chunk_size=None):
+        calls.append((chunk_size, vocab_chunk_size))
+
+    monkeypatch.setitem(sys.modules, "fused", types.SimpleNamespace(linear_cross_entropy=kernel))
+    entries = methods.fused_methods([4096, "liger", "default"], [7, (8, 16)], vocab=64, itemsize=2, liger_extra_bytes=None)
+    assert [m.name for m in entries] == ["fused@4KiB", "fused@liger", "fused@default", "fused@chunk=7", "fused@chunk=8x16"]
+    assert entries[1].fn is None and "Liger" in entries[1].unavailable
+    for m in (entries[0], *entries[2:]):
+        m.fn(None, None, None)
+    # A budget buys rows of the whole vocabulary; an explicit chunk size leaves the rest to the kernel.
+    assert calls == [(32, 64), (None, None), (7, None), (8, 16)]
+    assert entries[0].params == {"chunk_size": 32, "vocab_chunk_size": 64, "budget_bytes": 4096, "itemsize": 2}
+    (liger,) = methods.fused_methods(["liger"], [], vocab=64, itemsize=4, liger_extra_bytes=1000)
+    assert liger.params == {"chunk_size": 3, "vocab_chunk_size": 64, "budget_bytes": 1000, "itemsize": 4}
+
+
+def test_fused_budget_without_a_vocabulary_knob(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(linear_cross_entropy=lambda h, w, y, chunk_size: calls.append(chunk_size))
+    monkeypatch.setitem(sys.modules, "fused", fake)
+    (entry,) = methods.fused_methods([32 << 20], [], vocab=128256, itemsize=2, liger_extra_bytes=None)
+    entry.fn(None, None, None)
+    assert calls == [130] and entry.params == {"chunk_size": 130, "budget_bytes": 32 << 20, "itemsize": 2}
+
+
+def test_fused_unavailable_when_the_module_lacks_the_kernel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fused", types.SimpleNamespace())
+    entries = methods.fused_methods([32 << 20], [5], vocab=64, itemsize=2, liger_extra_bytes=None)
+    assert [(m.name, m.fn) for m in entries] == [("fused@32MiB", None), ("fused@chunk=5", None)]
+    assert all("linear_cross_entropy" in m.unavailable for m in entries)
+
+
+def test_missing_peer_is_unavailable_not_an_exception(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    built = {m.name: m for m in methods.build_methods(["liger_flce", "cce", "cce_exact", "torch_eager"])}
+    assert list(built) == ["torch_eager", "liger_flce", "cce", "cce_exact"]
+    assert built["torch_eager"].fn is methods.eager_loss
+    assert built["liger_flce"].fn is None and "liger_kernel" in built["liger_flce"].unavailable
+    assert all(built[n].fn is None and "cut_cross_entropy" in built[n].unavailable for n in ("cce", "cce_exact"))
+    with pytest.raises(ValueError, match="unknown methods"):
+        methods.build_methods(["nope"])
+
+
+def test_eager_loss_is_the_transformers_path():
+    torch.manual_seed(0)
+    h, w = torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(9, 4, dtype=torch.bfloat16)
+    y = torch.tensor([1, 2, IGNORE_INDEX, 8, 0, 3])
+    expected = F.cross_entropy((h @ w.t()).float(), y, ignore_index=IGNORE_INDEX)
+    assert torch.equal(methods.eager_loss(h, w, y), expected)
+
+
+def test_problems_follow_the_shared_recipe():
+    shape = Shape(512, 64, 1000)
+    uniform = make_problem(shape, "uniform", device="cpu", dtype=torch.float32)
+    # The recipe of ../shared/bench/README.md, drawn independently in the same order.
+    torch.manual_seed(0)
+    h = torch.randn(512, 64)
+    w = torch.randn(1000, 64) * (0.5 * 64**-0.5)
+    y = torch.randint(0, 1000, (512,))
+    y[torch.rand(512) < 0.1] = IGNORE_INDEX
+    assert torch.equal(uniform.hidden, h) and torch.equal(uniform.weight, w) and torch.equal(uniform.labels, y)
+    assert uniform.hidden.requires_grad and uniform.weight.requires_grad
+
+    peaked = make_problem(shape, "peaked", device="cpu", dtype=torch.float32)
+    assert torch.equal(peaked.hidden, h)  # same hidden; weight 8x larger
+    assert torch.allclose(peaked.weight, w * 8)
+    valid = peaked.labels != IGNORE_INDEX
+    assert 0.05 < 1 - valid.float().mean().item() < 0.15
+    assert peaked.labels[valid].min() >= 0 and peaked.labels[valid].max() < 1000
+
+    def loss(p):
+        return F.cross_entropy(p.hidden @ p.weight.t(), p.labels, ignore_index=IGNORE_INDEX).item()
+
+    # Uniform data sits at about log V; labels drawn from a peaked softmax cost far less.
+    assert abs(loss(uniform) - math.log(1000)) < 0.3
+    assert loss(peaked) < math.log(1000) - 2
+    with pytest.raises(ValueError, match="data must be"):
+        make_problem(shape, "normal", device="cpu", dtype=torch.float32)
+
+
+def test_gradient_bytes_and_flops():
+    shape = Shape(8192, 2048, 128256)
+    assert shape.gradient_bytes(torch.bfloat16) / 2**20 == 533.0  # the README's 533 MiB
+    assert shape.matmul_flops == 6 * 8192 * 2048 * 128256
+
+
+def test_float32_truth_in_blocks_equals_the_reference_at_once():
+    problem = make_problem(Shape(37, 8, 50), "peaked", device="cpu", dtype=torch.bfloat16)
+    # 1000 bytes: 5 rows of 50 float32 logits per block, so 8 blocks, the last of 2 rows.
+    truth = float32_truth(problem, block_logit_bytes=1000)
+    h = problem.hidden.detach().float().requires_grad_()
+    w = problem.weight.detach().float().requires_grad_()
+    loss = linear_cross_entropy(h, w, problem.labels)
+    loss.backward()
+    torch.testing.assert_close(truth.loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(truth.grad_hidden, h.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(truth.grad_weight, w.grad, rtol=1e-5, atol=1e-7)
+    assert relative_error(h.grad, truth.grad_hidden) < 1e-5
+    assert relative_error(2 * truth.grad_hidden, truth.grad_hidden) == pytest.approx(1.0)
+
+
+def test_measure_counts_runs_and_clears_before_each():
+    log = []
+    t = measure(lambda: log.append("run") or len(log), lambda: log.append("clear"), torch.device("cpu"), reps=3, warmup=2)
+    assert log == ["clear", "run"] * 5
+    assert t.last == 10 and t.peak_bytes is None and t.ms >= 0
+    with pytest.raises(ValueError):
+        measure(lambda: None, lambda: None, torch.device("cpu"), reps=0, warmup=1)
+
+
+def test_guarded_turns_failures_into_statuses():
+    cpu = torch.device("cpu")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore")
+
+    def broken():
+        raise RuntimeError("bad kernel")
+
+    def refused():
+        raise Refused("model: not patched (softcap)")
+
+    assert guarded({"method": "a"}, lambda: {"ms": 1.0}, cpu) == {"method": "a", "status": "ok", "ms": 1.0}
+    assert guarded({}, oom, cpu) == {"status": "oom", "reason": "CUDA out of memory. Tried to allocate 9 GiB"}
+    assert guarded({}, broken, cpu) == {"status": "error", "reason": "RuntimeError: bad kernel"}
+    assert guarded({}, refused, cpu) == {"status": "refused", "reason": "model: not patched (softcap)"}
+
+
+def test_json_safe_writes_non_finite_numbers_as_strings():
+    assert json_safe({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == {
+        "a": "nan", "b": ["inf", 1.5], "c": {"d": "-inf"}
+    }
+
+
+def test_pareto_front_and_curve():
+    points = [(10, 3.0), (100, 1.5), (50, 2.0), (1000, 1.0), (60, 2.5), (10, 3.5)]
+    assert report.pareto_front(points) == [0, 2, 1, 3]
+    curve = [(32, 2.0), (512, 1.1)]
+    assert report.beats_curve((100, 1.05), curve)  # lighter and faster than the 512 MiB point
+    assert not report.beats_curve((2, 3.7), curve)  # lighter but slower
+    assert not report.beats_curve((600, 1.0), curve)  # faster but heavier
+
+
+def _kernel(shape, method, vs_bound, extra_mib, gh_rel, created="2026-12-01"):
+    return {"bench": "kernel", "part": "shapes", "status": "ok", "shape": shape, "data": "peaked", "method": method,
+            "vs_bound": vs_bound, "extra_mib": extra_mib, "gh_rel": gh_rel, "created": created}
+
+
+def test_target_rows():
+    s = "8x4x16"
+    records = [
+        _kernel(s, "torch_eager", 1.8, 5000, 0.0075),
+        _kernel(s, "cce", 3.7, 2, 0.014),
+        _kernel(s, "liger_flce", 1.9, 60, 0.0075),
+        _kernel(s, "torch_compile", 1.05, 2000, 0.0075),
+        _kernel(s, "fused@32MiB", 3.0, 30, 0.0070),
+        _kernel(s, "fused@liger", 1.5, 70, 0.0070),  # more memory than Liger's 60 MiB
+        _kernel(s, "fused@512MiB", 1.2, 500, 0.0070),  # slower than 1.15x
+        _kernel(s, "fused@512MiB", 1.1, 500, 0.0080, created="2026-11-01"),  # older: ignored
+    ]
+    records.sort(key=lambda r: r["created"])
+    rows = {r["setting"]: r for r in report.target_rows(records)}
+    assert rows["fused@32MiB"]["holds"] is True and rows["fused@32MiB"]["max_x"] == 3.7
+    assert rows["fused@liger"]["holds"] is False and rows["fused@liger"]["max_mib"] == 60
+    assert rows["fused@512MiB"]["holds"] is False and rows["fused@512MiB"]["x"] == 1.2
+    # torch.compile (1.05x, 2000 MiB) beats no kernel point: every one is lighter.
+    assert rows["pareto: peers faster+lighter"] == {
+        "shape": s, "setting": "pareto: peers faster+lighter", "x": "none", "holds": True
+    }
+    no_kernel = [r for r in records if not r["method"].startswith("fused")]
+    assert all(r["holds"] is None for r in report.target_rows(no_kernel))
+
+
+def test_committed_results_load_and_keep_the_anchor_figures():
+    records = report.load_results()
+    anchor = [r for r in records if r["source"] == "anchor_h100_2026-11-23.json"]
+    best = report.newest_ok(anchor, part="shapes", data="peaked")
+    liger = best[("16384x4096x151936", "peaked", "liger_flce")]
+    assert (liger["vs_bound"], liger["peak_mib"], liger["gh_rel"]) == (1.2, 1464.0, 0.0074)
+    assert liger["extra_mib"] == 1464.0 - 1315.0
+    assert sum(m in report.PEERS for _, _, m in best) == 4 * 5  # four shapes, five peers
+    e2e = report.newest_e2e(anchor)
+    assert e2e[("llama-3.2-1b", "liger_flce")]["peak_mib"] == 28441
+    assert len(e2e) == 6
+
+
+def test_plots_draw_every_method_and_the_kernel_curve():
+    from bench import plots
+
+    records = []
+    for n in (1024, 2048):
+        for method, x, extra in (("torch_eager", 1.5, 900.0), ("cce", 3.7, 1.0), ("fused@32MiB", 2.0, 30.0), ("fused@512MiB", 1.1, 500.0)):
+            for part in ("shapes", "tokens"):
+                records.append({**_kernel(f"{n}x64x1000", method, x, extra, 0.007), "part": part, "tokens": n,
+                                "peak_mib": extra + 10, "grad_mib": 10.0})
+    records.append({"bench": "e2e", "status": "ok", "model": "m", "variant": "stock", "tokens": 16, "ms": 3.0, "peak_mib": 9.0})
+    fig = plots.pareto(records)
+    first = fig.axes[0]
+    assert first.get_title() == "1024x64x1000"
+    # The kernel's two settings joined into one curve, sorted by memory.
+    (curve,) = first.get_lines()[:1]
+    assert list(curve.get_xdata()) == [30.0, 500.0] and list(curve.get_ydata()) == [2.0, 1.1]
+    assert len(plots.time_vs_bound(records, "peaked").axes[0].patches) == 4 * 2
+    lines = plots.memory_vs_tokens(records).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["torch_eager", "cce", "fused@32MiB", "fused@512MiB", "gradient buffers"]
+    assert len(plots.e2e(records).axes) == 2
