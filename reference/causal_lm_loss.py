@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.naive_softmax import check_logits_and_targets, check_targets_dtype
+from reference.input_checks import check_logits_and_targets, check_targets_dtype
 
 
 def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:

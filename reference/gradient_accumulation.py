@@ -35,7 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import PrinterCallback
 
 from reference.causal_lm_loss import causal_lm_loss
-from reference.naive_softmax import check_logits_and_targets, check_targets_dtype
+from reference.input_checks import check_logits_and_targets, check_targets_dtype
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reference.naive_softmax import check_logits_and_targets
+from reference.input_checks import check_logits_and_targets
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.naive_softmax import check_logits_and_targets, naive_cross_entropy, naive_softmax
+from reference.input_checks import check_logits_and_targets
+from reference.naive_softmax import naive_cross_entropy, naive_softmax
 
 EPS32 = torch.finfo(torch.float32).eps
 
