@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from fused.patch import PatchReport, patch_model
+import fused
 from reference.peak_memory import peak_memory_bytes
 
 
@@ -31,7 +31,7 @@ class RunLog:
     grad_norms: list[float]
     step_peak_bytes: int
     seconds: float
-    report: PatchReport | None = None
+    report: fused.PatchReport | None = None
 
 
 def _training_arguments(output_dir: str, *, steps: int, batch_size: int, grad_accum: int, lr: float,
@@ -76,7 +76,7 @@ def finetune(model: nn.Module, dataset, tokenizer, *, name: str, patch: bool, st
     model = copy.deepcopy(model)
     report = None
     if patch:
-        report = patch_model(model)
+        report = fused.patch_model(model)
         if not report.patched:
             raise RuntimeError(f"patch_model refused this model: {report.reason}")
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
