@@ -1,0 +1,112 @@
+"""Launch parameters and the memory plan of the fused linear cross entropy, in one place.
+
+The op walks over tiles of ``rows x cols`` logits (``rows`` tokens, ``cols`` vocabulary
+entries), computed by cuBLAS into one reused buffer in the inputs' dtype. The tile plan
+decides how big that buffer is; the row kernels decide how a Triton program walks one row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import triton
+
+# A row kernel reads its row in blocks of at most this many columns (a power of two).
+MAX_BLOCK_V = 2048
+
+# Without a chunk_size, at most this many tokens share one tile; more tokens means several
+# row chunks, whose weight gradients add up in the inputs' dtype (see TilePlan).
+MAX_CHUNK_ROWS = 16384
+# When a row chunk's logits over the whole vocabulary fit in this many bytes, one tile holds
+# them all: three matmuls in total, no recomputation.
+FULL_VOCABULARY_TILE_BYTES = 256 * 2**20
+# Otherwise the vocabulary is cut into blocks of about this many columns. Each extra block
+# costs one read and write of the float32 grad_hidden accumulator (about 10 * rows * D
+# bytes) against about 8 * rows * D * cols matmul FLOPs: 4096 columns keep that under 10%
+# of the matmul time on an H100.
+VOCABULARY_BLOCK = 4096
+# Column counts are rounded up to a multiple of this, for aligned cuBLAS leading dimensions.
+COLUMN_ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """``rows`` tokens per chunk and ``cols`` vocabulary entries per block of one tile.
+
+    ``cols == vocab`` means one block: the logits are computed once, statistics and
+    gradients come from the same buffer. ``cols < vocab`` means the gradient pass
+    recomputes each block (a fourth matmul) and ``grad_hidden`` of a row chunk is summed over
+    blocks in a float32 accumulator. Several row chunks (``rows < N``) sum ``grad_weight``
+    over chunks in the inputs' dtype, one rounding per chunk.
+    """
+
+    rows: int
+    cols: int
+
+
+def plan_tiles(
+    n_rows: int, vocab: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None
+) -> TilePlan:
+    """The tile for ``n_rows`` tokens and ``vocab`` entries of ``itemsize`` bytes.
+
+    ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary entries) override the
+    defaults; each is capped by the problem's own size.
+    """
+    rows = min(n_rows, chunk_size or MAX_CHUNK_ROWS)
+    if vocab_chunk_size is not None:
+        cols = min(vocab, vocab_chunk_size)
+    elif rows * vocab * itemsize <= FULL_VOCABULARY_TILE_BYTES:
+        cols = vocab
+    else:
+        # Equal blocks rather than full blocks and a small remainder.
+        blocks = math.ceil(vocab / VOCABULARY_BLOCK)
+        cols = min(vocab, triton.cdiv(triton.cdiv(vocab, blocks), COLUMN_ALIGNMENT) * COLUMN_ALIGNMENT)
+    return TilePlan(rows=rows, cols=cols)
+
+
+# A memory budget pays first for what every plan holds: the per-token statistics (float32
+# max, sum, target logit, logit sum, lse, loss, and the int64 target: about 32 bytes a token).
+PER_TOKEN_BYTES = 32
+# Whole-vocabulary tiles (three matmuls, no recomputation) are worth it once this many tokens
+# fit in one; below it the weight is re-read too often and vocabulary blocks are faster
+# (H100, bf16: 1024 x 128256 tiles ran at 1.30x the three-matmul bound, 8192 x 4096 at 1.74x).
+MIN_WHOLE_VOCABULARY_ROWS = 1024
+# Vocabulary blocks narrower than this leave cuBLAS little to work with.
+MIN_BUDGET_COLS = 2048
+
+
+def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, budget_bytes: int) -> TilePlan:
+    """The fastest tile whose extra memory fits in ``budget_bytes``.
+
+    Extra memory of a plan (module docstring of ``fused.linear_cross_entropy``): the tile,
+    ``rows * cols * itemsize``; the float32 ``grad_hidden`` accumulator of a row chunk,
+    ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
+    16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics. More rows means fewer re-reads of the
+    weight, so the plan takes whole-vocabulary tiles if at least
+    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit, else the most rows (a power of two) that leave
+    room for ``MIN_BUDGET_COLS`` columns. Raises ``ValueError`` if no plan fits.
+    """
+    room = budget_bytes - PER_TOKEN_BYTES * n_rows
+    whole_rows = room // (vocab * itemsize)
+    if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
+        return TilePlan(rows=min(n_rows, whole_rows, MAX_CHUNK_ROWS), cols=vocab)
+    accumulator = hidden_dim * 4 if itemsize < 4 else 0
+    rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
+    while rows >= 1:
+        r = min(rows, n_rows)
+        cols = (room - r * accumulator) // (r * itemsize) // COLUMN_ALIGNMENT * COLUMN_ALIGNMENT
+        if cols >= min(vocab, MIN_BUDGET_COLS):
+            return TilePlan(rows=r, cols=min(vocab, cols))
+        rows //= 2
+    needed = PER_TOKEN_BYTES * n_rows + accumulator + min(vocab, MIN_BUDGET_COLS) * itemsize
+    raise ValueError(
+        f"memory_budget={budget_bytes} bytes is too small for {n_rows} tokens, a vocabulary of {vocab} and "
+        f"hidden size {hidden_dim}: at least {needed} bytes are needed"
+    )
+
+
+def row_kernel_launch(n_cols: int) -> dict[str, int]:
+    """``BLOCK_V`` and ``num_warps`` of a kernel with one program per row of ``n_cols``."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}

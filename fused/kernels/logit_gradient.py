@@ -1,0 +1,86 @@
+"""The gradient of the loss with respect to a tile of logits, written over the logits.
+
+For a row ``i`` with target ``y``, log-sum-exp ``lse`` (final, from the statistics pass),
+upstream gradient ``g`` of its loss (0 on ignored rows) and ``h`` of its lse:
+
+    dL/dz_j = (g * (1 + 2 * z_loss * lse) + h) * p_j - g * (1 - eps) * [j == y] - g * eps / V
+
+with ``p_j = exp(z_j - lse)``, then times ``dz/dx`` of the transforms. The
+kernel recomputes ``z`` from the raw logits in the tile, does the arithmetic in float32 (or
+float64) and stores ``dL/dx`` in the tile's own dtype, in place: the tile then feeds the
+``grad_hidden`` and ``grad_weight`` matmuls.
+"""
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused.kernels.launch import row_kernel_launch
+from fused.kernels.logit_transform import transform_logits_with_slope
+from reference.linear_cross_entropy import LossOptions
+
+
+@triton.jit
+def logit_gradient_kernel(
+    logits_ptr, row_stride, n_cols, col_offset,
+    targets_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride, lse_grad_ptr,
+    ignore_index, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
+    HAS_LOSS_GRAD: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    logits_row = logits_ptr + row.to(tl.int64) * row_stride
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    if HAS_LOSS_GRAD:
+        g = tl.load(loss_grad_ptr + row * loss_grad_stride).to(lse.dtype)
+    else:
+        g = tl.full((), 1.0, lse.dtype)
+    # where, not a product: an infinite upstream gradient must still give 0 on ignored rows.
+    g = tl.where(target != ignore_index, g, 0.0)
+    coef_p = g * (1.0 + 2.0 * z_loss * lse)
+    if HAS_LSE_GRAD:
+        coef_p += tl.load(lse_grad_ptr + row).to(lse.dtype)
+    coef_target = g * (1.0 - label_smoothing)
+    coef_uniform = g * label_smoothing / vocab_size
+    target_col = target - col_offset
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(lse.dtype)
+        z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        p = tl.exp(z - lse)
+        dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
+        tl.store(logits_row + cols, (dz * slope).to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def write_logit_gradient(
+    logits: Tensor,
+    col_offset: int,
+    targets: Tensor,
+    lse: Tensor,
+    loss_grad: Tensor | None,
+    lse_grad: Tensor | None,
+    rows: slice,
+    vocab_size: int,
+    options: LossOptions,
+) -> None:
+    """Overwrite the raw logits of one tile with ``dL/dx``.
+
+    ``logits (r, c)``: rows ``rows``, vocabulary columns ``[col_offset, col_offset + c)``,
+    contiguous rows. ``targets (N,)`` int64 and ``lse (N,)`` (float32 or float64) of all
+    rows. ``loss_grad``: ``(N,)`` upstream gradient of each row's loss (any stride, 0 for a
+    broadcast scalar), or None for 1. ``lse_grad``: ``(N,)`` contiguous, or None for 0.
+    """
+    # An absent gradient's pointer is never read (its HAS_ flag is off): pass any tensor.
+    loss_grad_rows = loss_grad[rows] if loss_grad is not None else lse
+    lse_grad_rows = lse_grad[rows] if lse_grad is not None else lse
+    logit_gradient_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), logits.shape[1], col_offset,
+        targets[rows], lse[rows], loss_grad_rows, loss_grad_rows.stride(0), lse_grad_rows,
+        options.ignore_index, options.label_smoothing, options.z_loss, vocab_size,
+        options.logit_scale or 1.0, options.softcap or 1.0,
+        HAS_LOSS_GRAD=loss_grad is not None, HAS_LSE_GRAD=lse_grad is not None,
+        HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
+        **row_kernel_launch(logits.shape[1]),
+    )

@@ -1,0 +1,93 @@
+"""The forward statistics: one pass over a tile of logits rows, online log-sum-exp.
+
+For every row the kernel walks the tile's columns in blocks of ``BLOCK_V``, transforms the
+logits on the fly (float32, or float64 for a float64 compute dtype) and keeps four running
+numbers, carried over from the previous vocabulary blocks of the same rows:
+
+* ``max``: the largest transformed logit seen so far, ``m``;
+* ``sumexp``: ``sum_j exp(z_j - m)``, rescaled by ``exp(m_old - m_new)`` when ``m`` grows;
+* ``target_logit``: ``z_y`` when the target column ``y`` lies in this tile;
+* ``logit_sum``: ``sum_j z_j`` (label smoothing needs the mean logit), only if asked.
+
+After the last block ``lse = max + log(sumexp)``. One program per row; the row offset is
+computed in int64 so tiles beyond 2**31 elements are addressed correctly.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused.kernels.launch import row_kernel_launch
+from fused.kernels.logit_transform import transform_logits
+from reference.linear_cross_entropy import LossOptions
+
+
+@triton.jit
+def logit_statistics_kernel(
+    logits_ptr, row_stride, n_cols, col_offset,
+    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
+    logit_scale, softcap,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    logits_row = logits_ptr + row.to(tl.int64) * row_stride
+    target_col = tl.load(targets_ptr + row) - col_offset
+    running_max = tl.load(max_ptr + row)
+    sumexp = tl.load(sumexp_ptr + row)
+    target_logit = tl.load(target_logit_ptr + row)
+    if SUM_LOGITS:
+        logit_sum = tl.load(logit_sum_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(running_max.dtype)
+        z = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(in_row, z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        running_max = new_max
+        # The target may lie past this block's last column, where a full-width block's lanes are masked.
+        target_logit += tl.sum(tl.where((cols == target_col) & in_row, z, 0.0), axis=0)
+        if SUM_LOGITS:
+            logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+    tl.store(max_ptr + row, running_max)
+    tl.store(sumexp_ptr + row, sumexp)
+    tl.store(target_logit_ptr + row, target_logit)
+    if SUM_LOGITS:
+        tl.store(logit_sum_ptr + row, logit_sum)
+
+
+class RowStatistics:
+    """The running statistics of ``n`` rows, in ``dtype`` (float32 or float64).
+
+    ``max`` starts at -inf and the sums at 0, so the first block needs no special case.
+    ``logit_sum`` is kept only if ``sum_logits`` (label smoothing needs it).
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, sum_logits: bool) -> None:
+        self.sum_logits = sum_logits
+        self.max = torch.full((n,), float("-inf"), dtype=dtype, device=device)
+        self.sumexp = torch.zeros(n, dtype=dtype, device=device)
+        self.target_logit = torch.zeros(n, dtype=dtype, device=device)
+        self.logit_sum = torch.zeros(n if sum_logits else 1, dtype=dtype, device=device)
+
+
+def accumulate_logit_statistics(
+    logits: Tensor, col_offset: int, targets: Tensor, stats: RowStatistics, rows: slice, options: LossOptions
+) -> None:
+    """Fold one tile into ``stats``.
+
+    ``logits (r, c)``: raw logits of rows ``rows`` and vocabulary columns
+    ``[col_offset, col_offset + c)``, contiguous rows in any float dtype; ``targets (N,)``
+    int64, all rows; ``stats`` of all ``N`` rows, updated in place on ``rows``. ``options``:
+    the transforms to apply.
+    """
+    logit_statistics_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), logits.shape[1], col_offset,
+        targets[rows], stats.max[rows], stats.sumexp[rows], stats.target_logit[rows],
+        stats.logit_sum[rows] if stats.sum_logits else stats.logit_sum,
+        options.logit_scale or 1.0, options.softcap or 1.0,
+        HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
+        SUM_LOGITS=stats.sum_logits, **row_kernel_launch(logits.shape[1]),
+    )

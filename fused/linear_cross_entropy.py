@@ -1,0 +1,565 @@
+"""Fused linear + cross entropy: the loss of ``hidden @ weight.T (+ bias)`` without its logits.
+
+The same loss, options and gradients as ``reference.linear_cross_entropy`` (the contract),
+computed tile by tile so that the ``N x V`` logits never exist. A tile is ``rows`` tokens by
+``cols`` vocabulary entries (``fused.kernels.launch.plan_tiles``):
+
+1. cuBLAS writes the tile's raw logits ``hidden_rows @ weight_cols.T (+ bias)`` in the
+   inputs' dtype into one reused buffer, as the contract computes them before ``.float()``.
+2. ``logit_statistics`` makes one pass over the tile: online max and sum of exponentials,
+   target logit, logit sum, in float32, carried across the vocabulary blocks of the rows.
+   After the last block: ``lse`` and the per-token loss.
+3. ``logit_gradient`` overwrites the tile with ``dL/dlogits`` (float32 arithmetic, stored in
+   the inputs' dtype); cuBLAS turns it into ``grad_hidden`` rows (``G @ W``), a block of
+   ``grad_weight`` (``G.T @ hidden``) and of ``grad_bias``.
+
+When the loss is reduced to a scalar (``'mean'``, ``'sum'``, a count), step 3 runs in the
+forward pass, as Liger's kernel does: the logits are then computed once if a row chunk's
+whole vocabulary fits in one tile (three matmuls), else twice (four). The gradients are kept
+and scaled by the upstream gradient in backward. For ``reduction='none'`` or a returned
+``lse`` (any upstream gradient per token), the forward pass keeps only ``lse`` and the
+backward pass recomputes the logits.
+
+Memory beyond the inputs and the returned gradients, with ``s`` the inputs' bytes per element
+and ``r = rows``, ``c = cols`` of the tile plan (``s' = 4``, 8 for ``compute_dtype=float64``)::
+
+    r * c * s                     one tile of logits / gradient of logits
+  + r * D * 4     (c < V, s < 4)  the float32 sum of a row chunk's grad_hidden over blocks
+  + V * s'        (bias grad)     grad_bias summed in float32
+  + about 6 * N * s' + 8 * N      per-token statistics, lse, losses, int64 targets
+
+By default ``r = min(N, 16384)`` and ``c = V`` when ``r * V * s <= 256 MiB``, else about 4096:
+the extra memory is bounded by ``max(256 MiB, r * 4096 * s) + r * D * 4`` and never grows
+with ``N * V``. ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary entries) trade
+it for speed (smaller tiles: more, smaller matmuls, more reads of ``W`` and ``H``).
+
+Precision: the gradient tile holds ``p - onehot`` (times per-token upstream gradients, if
+any); the mean's ``1 / count`` is the matmuls' ``alpha``, applied in cuBLAS's float32
+epilogue, so 16-bit tiles do not underflow. Each gradient element is one matmul's float32
+sum rounded once, except: ``grad_hidden`` over vocabulary blocks, a float32 sum of products
+each rounded once to the inputs' dtype; and ``grad_weight`` over several row chunks
+(``N > rows``), summed in the inputs' dtype, one rounding per chunk: its error grows like
+the square root of the number of row chunks (simulated on CPU in bfloat16: 1.4 times
+eager's error with 4 chunks, 2.3 times with 16).
+
+Autograd: a scalar loss's gradients become ``.grad`` without a copy, scaled in place by the
+upstream gradient (not at all when it is 1); a second backward through a retained graph with
+another upstream gradient raises. No double backward. Under ``torch.compile`` the op is one
+graph node (``fused::linear_cross_entropy``, and ``fused::linear_cross_entropy_backward`` for
+the recomputation: ``torch.library`` custom ops with fake and autograd registrations); the
+compiled backward scales out of place, holding the gradients twice for a moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from fused.kernels.launch import PER_TOKEN_BYTES, TilePlan, plan_for_budget, plan_tiles
+from fused.kernels.logit_gradient import write_logit_gradient
+from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics, logit_statistics_kernel
+from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
+from reference.linear_cross_entropy import FlatProblem, LossOptions, prepare_inputs, reduce_losses
+
+BACKENDS = ("auto", "triton", "reference")
+# Set at import: triton.jit reads TRITON_INTERPRET when the kernels are defined.
+KERNELS_INTERPRETED = isinstance(logit_statistics_kernel, InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------
+# The tile loop.
+
+
+def _logits_tile(buffer: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, cols: slice) -> Tensor:
+    """Raw logits ``(r, c)`` of ``hidden_rows`` against vocabulary ``cols``, written by
+    cuBLAS into a contiguous view of ``buffer`` (in the inputs' dtype)."""
+    out = buffer[: hidden_rows.shape[0] * (cols.stop - cols.start)].view(hidden_rows.shape[0], -1)
+    if bias is None:
+        return torch.mm(hidden_rows, weight[cols].t(), out=out)
+    return torch.addmm(bias[cols], hidden_rows, weight[cols].t(), out=out)
+
+
+def _finish_statistics(
+    stats: RowStatistics, p: FlatProblem, rows: slice, options: LossOptions, losses: Tensor, lse: Tensor
+) -> None:
+    """Write ``lse`` and the per-token losses of ``rows`` from their final statistics."""
+    row_lse = stats.max[rows] + torch.log(stats.sumexp[rows])
+    loss = row_lse - stats.target_logit[rows]
+    if options.label_smoothing:
+        eps = options.label_smoothing
+        loss = (1 - eps) * loss + eps * (row_lse - stats.logit_sum[rows] / p.weight.shape[0])
+    if options.z_loss:
+        loss = loss + options.z_loss * row_lse.square()
+    valid = p.targets[rows] != options.ignore_index
+    losses[rows] = torch.where(valid, loss, torch.zeros_like(loss))
+    lse[rows] = row_lse
+
+
+@dataclasses.dataclass
+class _TileResults:
+    """What the tile loop returns: per-token ``losses`` and ``lse`` (when it computed them)
+    and the gradients asked for (None otherwise)."""
+
+    losses: Tensor | None
+    lse: Tensor
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def _run_tiles(
+    p: FlatProblem,
+    options: LossOptions,
+    plan: TilePlan,
+    compute_dtype: torch.dtype,
+    *,
+    lse: Tensor | None = None,
+    loss_grad: Tensor | None = None,
+    lse_grad: Tensor | None = None,
+    alpha: float = 1.0,
+    wanted: tuple[bool, bool, bool] = (False, False, False),
+) -> _TileResults:
+    """Walk the tiles of ``p`` once: statistics (unless ``lse`` is given) and the gradients
+    ``wanted`` for (hidden, weight, bias).
+
+    ``loss_grad (N,)``: upstream gradient of each token's loss (None: 1 on valid rows);
+    ``lse_grad (N,)`` of each lse (None: 0); ``alpha`` multiplies every gradient, inside the
+    matmuls' float32 epilogue. Returns the losses and lse in ``compute_dtype`` and the
+    gradients in the dtype of their inputs.
+    """
+    hidden, weight, bias, targets = p.hidden, p.weight, p.bias, p.targets
+    (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
+    want_hidden, want_weight, want_bias = wanted
+    losses = None
+    if lse is None:
+        stats = RowStatistics(n, compute_dtype, device, sum_logits=options.label_smoothing > 0)
+        losses = torch.empty(n, dtype=compute_dtype, device=device)
+        lse = torch.empty(n, dtype=compute_dtype, device=device)
+    blocks = [slice(start, min(start + plan.cols, vocab)) for start in range(0, vocab, plan.cols)]
+    tile = torch.empty(plan.rows * plan.cols, dtype=hidden.dtype, device=device)
+    grad_hidden = torch.empty(n, d, dtype=hidden.dtype, device=device) if want_hidden else None
+    grad_weight = torch.empty(vocab, d, dtype=weight.dtype, device=device) if want_weight else None
+    bias_acc_dtype = torch.promote_types(weight.dtype, compute_dtype)
+    grad_bias = torch.zeros(vocab, dtype=bias_acc_dtype, device=device) if want_bias else None
+    # A row chunk's grad_hidden sums one product per vocabulary block. In a 16-bit dtype the
+    # running sum would be rounded once per block; each product is rounded once instead and
+    # the sum kept in float32.
+    acc = None
+    if want_hidden and len(blocks) > 1 and hidden.dtype.itemsize < 4:
+        acc = torch.empty(plan.rows, d, dtype=torch.float32, device=device)
+
+    for start in range(0, n, plan.rows):
+        rows = slice(start, min(start + plan.rows, n))
+        h = hidden[rows]
+        logits = None
+        if losses is not None:
+            for cols in blocks:
+                logits = _logits_tile(tile, h, weight, bias, cols)
+                accumulate_logit_statistics(logits, cols.start, targets, stats, rows, options)
+            _finish_statistics(stats, p, rows, options, losses, lse)
+        if not any(wanted):
+            continue
+        # Backwards through the blocks: the tile still holds the statistics pass's last block
+        # (with a single block, the whole row chunk), which then needs no recomputation.
+        for k, cols in enumerate(reversed(blocks)):
+            if k > 0 or logits is None:
+                logits = _logits_tile(tile, h, weight, bias, cols)
+            write_logit_gradient(logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options)
+            if want_hidden:
+                out = grad_hidden[rows]
+                if acc is None:
+                    torch.addmm(out, logits, weight[cols], beta=0 if k == 0 else 1, alpha=alpha, out=out)
+                else:
+                    torch.addmm(out, logits, weight[cols], beta=0, alpha=alpha, out=out)
+                    acc_rows = acc[: out.shape[0]]
+                    if k == 0:
+                        acc_rows.copy_(out)
+                    else:
+                        acc_rows.add_(out)
+            if want_weight:
+                out = grad_weight[cols]
+                torch.addmm(out, logits.t(), h, beta=0 if start == 0 else 1, alpha=alpha, out=out)
+            if want_bias:
+                grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=alpha)
+        if acc is not None:
+            grad_hidden[rows].copy_(acc[: rows.stop - rows.start])
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return _TileResults(losses, lse, grad_hidden, grad_weight, grad_bias)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces of the custom ops.
+
+
+def _flat_problem(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    options: LossOptions,
+    shift: bool,
+    count: Tensor | float | None,
+) -> FlatProblem:
+    """The contract's validation and flattening, with every tensor made contiguous for the
+    kernels and cuBLAS (a copy only for non-contiguous inputs)."""
+    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=count)
+    return dataclasses.replace(
+        p,
+        hidden=p.hidden.contiguous(),
+        weight=p.weight.contiguous(),
+        bias=None if p.bias is None else p.bias.contiguous(),
+        targets=p.targets.contiguous(),
+    )
+
+
+def _count(num_items: Tensor | None, num_items_value: float | None) -> Tensor | float | None:
+    """``num_items_in_batch`` as the caller gave it: a tensor, a Python number or None."""
+    return num_items if num_items is not None else num_items_value
+
+
+def _denominator(targets: Tensor, options: LossOptions, count: Tensor | float | None) -> Tensor | float:
+    """What the summed loss is divided by: every token's loss has gradient ``1 / this``
+    (ignored tokens are masked separately). Tensors are on the targets' device."""
+    if count is not None:
+        return count.to(targets.device) if isinstance(count, Tensor) else count
+    if options.reduction == "sum":
+        return 1.0
+    return (targets != options.ignore_index).sum()
+
+
+def _forward_gradient_scale(targets: Tensor, options: LossOptions, count: Tensor | float | None) -> float:
+    """``1 / denominator`` as a Python number, for the matmuls' ``alpha``: the gradients of a
+    mean over 8192 tokens are formed at full scale and divided inside the float32 epilogue,
+    so 16-bit gradient tiles do not underflow."""
+    denominator = float(_denominator(targets, options, count))
+    if denominator != 0:
+        return 1.0 / denominator
+    # transformers' edge cases: a count of 0 sends +inf to the valid tokens; with none valid
+    # (or a mean over none) every token's gradient is 0.
+    return math.inf if bool((targets != options.ignore_index).any()) else 0.0
+
+
+def _empty_unless(t: Tensor | None, like: Tensor) -> Tensor:
+    """A custom op returns tensors: an ungiven gradient becomes an empty one."""
+    return t if t is not None else like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops.
+
+
+@torch.library.custom_op("fused::linear_cross_entropy", mutates_args=())
+def _forward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    num_items: Optional[Tensor],
+    num_items_value: Optional[float],
+    ignore_index: int,
+    shift: bool,
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+    logit_scale: Optional[float],
+    z_loss: float,
+    chunk_size: Optional[int],
+    vocab_chunk_size: Optional[int],
+    compute_dtype: torch.dtype,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, grad_hidden, grad_weight, grad_bias)``: the reduced loss as the contract
+    returns it, ``lse`` shaped like ``labels``, and the gradients of the loss flagged
+    ``grad_*`` (computed here, only for a scalar loss; empty otherwise)."""
+    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    count = _count(num_items, num_items_value)
+    p = _flat_problem(hidden, weight, labels, bias, options, shift, count)
+    plan = plan_tiles(p.hidden.shape[0], p.weight.shape[0], p.hidden.element_size(), chunk_size, vocab_chunk_size)
+    wanted = (grad_hidden, grad_weight, grad_bias)
+    alpha = _forward_gradient_scale(p.targets, options, count) if any(wanted) else 1.0
+    out = _run_tiles(p, options, plan, compute_dtype, alpha=alpha, wanted=wanted)
+    loss = reduce_losses(out.losses, p.targets, options, count, p.batch_shape)
+    return (
+        loss,
+        out.lse.reshape(p.batch_shape),
+        _empty_unless(None if out.hidden is None else out.hidden.view(hidden.shape), hidden),
+        _empty_unless(out.weight, hidden),
+        _empty_unless(out.bias, hidden),
+    )
+
+
+@_forward_op.register_fake
+def _forward_fake(
+    hidden, weight, labels, bias, num_items, num_items_value, ignore_index, shift, reduction,
+    label_smoothing, softcap, logit_scale, z_loss, chunk_size, vocab_chunk_size, compute_dtype,
+    grad_hidden, grad_weight, grad_bias,
+):
+    if reduction == "none":
+        loss = hidden.new_empty(labels.shape, dtype=compute_dtype)
+    else:
+        loss = hidden.new_empty((), dtype=compute_dtype)
+        if num_items is not None:  # the division decides shape and dtype, as in reduce_losses
+            loss = loss / num_items.to(hidden.device)
+    return (
+        loss,
+        hidden.new_empty(labels.shape, dtype=compute_dtype),
+        hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+        hidden.new_empty(weight.shape if grad_weight else (0,)),
+        hidden.new_empty(0) if not grad_bias else bias.new_empty(bias.shape),
+    )
+
+
+@torch.library.custom_op("fused::linear_cross_entropy_backward", mutates_args=())
+def _backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor],
+    num_items: Optional[Tensor],
+    num_items_value: Optional[float],
+    ignore_index: int,
+    shift: bool,
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+    logit_scale: Optional[float],
+    z_loss: float,
+    chunk_size: Optional[int],
+    vocab_chunk_size: Optional[int],
+    compute_dtype: torch.dtype,
+    lse: Tensor,
+    loss_grad: Optional[Tensor],
+    lse_grad: Optional[Tensor],
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of (hidden, weight, bias) for upstream gradients of the loss (shaped like the
+    forward's loss, or None) and of ``lse`` (shaped like ``labels``, or None), recomputing the
+    logits tile by tile from the forward's ``lse``."""
+    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    count = _count(num_items, num_items_value)
+    p = _flat_problem(hidden, weight, labels, bias, options, shift, count)
+    n = p.targets.shape[0]
+    if loss_grad is None:
+        row_grad = lse.new_zeros(()).expand(n)
+    elif reduction == "none":
+        row_grad = loss_grad.reshape(n)
+    else:
+        row_grad = (loss_grad / _denominator(p.targets, options, count)).reshape(-1).expand(n)
+    plan = plan_tiles(n, p.weight.shape[0], p.hidden.element_size(), chunk_size, vocab_chunk_size)
+    out = _run_tiles(
+        p,
+        options,
+        plan,
+        compute_dtype,
+        lse=lse.reshape(n).contiguous(),
+        loss_grad=row_grad,
+        lse_grad=None if lse_grad is None else lse_grad.reshape(n).contiguous(),
+        wanted=(grad_hidden, grad_weight, grad_bias),
+    )
+    return (
+        _empty_unless(None if out.hidden is None else out.hidden.view(hidden.shape), hidden),
+        _empty_unless(out.weight, hidden),
+        _empty_unless(out.bias, hidden),
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    hidden, weight, labels, bias, num_items, num_items_value, ignore_index, shift, reduction,
+    label_smoothing, softcap, logit_scale, z_loss, chunk_size, vocab_chunk_size, compute_dtype,
+    lse, loss_grad, lse_grad, grad_hidden, grad_weight, grad_bias,
+):
+    return (
+        hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+        hidden.new_empty(weight.shape if grad_weight else (0,)),
+        hidden.new_empty(0) if not grad_bias else bias.new_empty(bias.shape),
+    )
+
+
+def _scale_by_upstream(grads: list[Tensor], factor: Tensor) -> list[Tensor]:
+    """The forward's gradients times the loss's upstream gradient ``factor``.
+
+    Eagerly in place, so no second copy of a ``V x D`` gradient exists, and not at all when
+    ``factor`` is exactly 1 (``loss.backward()``), which also keeps a retained graph valid.
+    While traced (``torch.compile``) out of place: a data-dependent branch cannot be traced.
+    """
+    if type(factor) is not Tensor or torch.compiler.is_compiling():
+        return [g * factor for g in grads]
+    if bool((factor != 1).any()):
+        for g in grads:
+            g.mul_(factor)
+    return grads
+
+
+# _forward_op's number of inputs, and the positions of those that have gradients.
+_N_INPUTS = 19
+_GRAD_POSITIONS = (0, 1, 3)  # hidden, weight, bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, num_items = inputs[:5]
+    _, lse, grad_hidden, grad_weight, grad_bias = output
+    ctx.grads_in_forward = any(inputs[-3:])
+    ctx.set_materialize_grads(False)
+    if ctx.grads_in_forward:
+        # lse is an internal by-product here: the public function does not return it.
+        ctx.mark_non_differentiable(lse, grad_hidden, grad_weight, grad_bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    else:
+        ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+        ctx.save_for_backward(hidden, weight, labels, bias, num_items, lse)
+        ctx.options = inputs[5:16]
+
+
+def _backward(ctx, loss_grad, lse_grad, *_):
+    needs = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
+    if loss_grad is None and lse_grad is None:
+        return (None,) * _N_INPUTS
+    if ctx.grads_in_forward:
+        try:
+            grads = ctx.saved_tensors
+        except RuntimeError as e:  # their version counter moved: scaled in place already
+            raise RuntimeError(
+                "fused.linear_cross_entropy: a scalar loss computes its gradients in the forward pass and "
+                "scales them in place by the upstream gradient; a second backward through it with an "
+                "upstream gradient other than 1 is not supported. Use reduction='none' (and sum) or "
+                "return_lse=True, whose backward recomputes."
+            ) from e
+        missing = [name for name, g, need in zip(("hidden", "weight", "bias"), grads, needs) if need and g.numel() == 0]
+        if missing:
+            raise RuntimeError(f"fused::linear_cross_entropy computed no gradient for {missing}: set grad_<name>=True")
+        grads = _scale_by_upstream(list(grads), loss_grad)
+    else:
+        hidden, weight, labels, bias, num_items, lse = ctx.saved_tensors
+        grads = _backward_op(hidden, weight, labels, bias, num_items, *ctx.options, lse, loss_grad, lse_grad, *needs)
+    result = [None] * _N_INPUTS
+    for position, g, need in zip(_GRAD_POSITIONS, grads, needs):
+        result[position] = g if need else None
+    return tuple(result)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The public function.
+
+
+def _check_size(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Cross entropy of ``hidden @ weight.T + bias`` against ``labels``, never materialising
+    the logits: ``reference.linear_cross_entropy``'s arguments, values and gradients.
+
+    ``hidden (N, D)`` or ``(B, T, D)`` float16/bfloat16/float32/float64; ``weight (V, D)``,
+    ``bias (V,)`` of the same dtype and device; ``labels`` integer, shaped like
+    ``hidden[..., 0]``, in ``[0, V)`` or ``ignore_index``. Returns the loss (0-d, or shaped
+    like ``labels`` for ``reduction='none'``) in ``compute_dtype`` (float32: the contract's
+    upcast), and with ``return_lse=True`` also the per-token log-sum-exp shaped like
+    ``labels``. Both are differentiable in ``hidden``, ``weight`` and ``bias``.
+
+    Memory knobs (see the module docstring for the formula): ``chunk_size`` tokens per row
+    chunk, ``vocab_chunk_size`` vocabulary entries per tile (Triton path only); or
+    ``memory_budget``, bytes of extra memory beyond the inputs and the returned gradients,
+    from which the fastest tile that fits is chosen (``fused.kernels.launch.plan_for_budget``;
+    on the reference path, chunks of two float32 row blocks of logits).
+    ``compute_dtype=torch.float64`` keeps float64 inputs in float64 throughout (for
+    ``gradcheck``). ``backend``: ``'auto'`` runs the Triton kernels on CUDA tensors and
+    ``reference.chunked_cross_entropy`` elsewhere; ``'triton'`` forces the kernels (CPU
+    tensors need ``TRITON_INTERPRET=1`` set before ``fused`` is imported); ``'reference'``
+    forces the chunked PyTorch path.
+    """
+    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    _check_size("chunk_size", chunk_size)
+    _check_size("vocab_chunk_size", vocab_chunk_size)
+    _check_size("memory_budget", memory_budget)
+    if memory_budget is not None:
+        if chunk_size is not None or vocab_chunk_size is not None:
+            raise ValueError("memory_budget chooses chunk_size and vocab_chunk_size; pass either it or them")
+        if isinstance(hidden, Tensor) and isinstance(weight, Tensor) and hidden.dim() >= 1 and weight.dim() == 2:
+            n_rows, vocab = hidden.numel() // max(1, hidden.shape[-1]), weight.shape[0]
+            if backend == "reference" or (backend == "auto" and not hidden.is_cuda):
+                # The chunked reference holds about two float32 chunks of logits at once.
+                chunk_size = max(1, (memory_budget - PER_TOKEN_BYTES * n_rows) // (2 * 4 * vocab))
+            else:
+                plan = plan_for_budget(n_rows, vocab, weight.shape[1], hidden.element_size(), memory_budget)
+                chunk_size, vocab_chunk_size = plan.rows, plan.cols
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if isinstance(hidden, Tensor) and hidden.is_cuda else "reference"
+    if backend == "reference":
+        return chunked_linear_cross_entropy(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing, softcap=softcap,
+            logit_scale=logit_scale, z_loss=z_loss, return_lse=return_lse, compute_dtype=compute_dtype,
+            **({} if chunk_size is None else {"chunk_size": chunk_size}),
+        )
+
+    count_is_number = isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool)
+    op_types_fit = (
+        all(isinstance(t, Tensor) for t in (hidden, weight, labels))
+        and (bias is None or isinstance(bias, Tensor))
+        and (num_items_in_batch is None or count_is_number or isinstance(num_items_in_batch, Tensor))
+    )
+    if not op_types_fit:
+        # The op's schema would reject these with a generic message; the contract names them.
+        prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
+    if not hidden.is_cuda and not KERNELS_INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {hidden.device}; to run the kernels on CPU set "
+            "TRITON_INTERPRET=1 before importing fused"
+        )
+
+    grads_in_forward = reduction != "none" and not return_lse and torch.is_grad_enabled()
+    flags = [grads_in_forward and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, lse, *_ = _forward_op(
+        hidden, weight, labels, bias,
+        num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None,
+        float(num_items_in_batch) if count_is_number else None,
+        ignore_index, bool(shift), reduction, float(label_smoothing),
+        None if softcap is None else float(softcap),
+        None if logit_scale is None else float(logit_scale),
+        float(z_loss), chunk_size, vocab_chunk_size, compute_dtype,
+        *flags,
+    )
+    return (loss, lse) if return_lse else loss

@@ -1,0 +1,9 @@
+"""Without CUDA, run Triton kernels in the interpreter: triton.jit reads TRITON_INTERPRET when a
+kernel is defined, so this must happen before any test module imports them."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

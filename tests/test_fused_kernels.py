@@ -1,0 +1,162 @@
+"""The Triton kernels of fused/kernels one by one, in the interpreter without CUDA, and the tile plan.
+
+Tolerances, float32: the statistics kernel sums exponentials block by block, so its lse
+differs from torch.logsumexp by a few ulps of ``max|z| + log V`` (held to 4); the target
+logit is the transformed logit itself (tanh from exp: held to 4 ulps of ``max|z|``); the
+logit sum adds ``V`` terms in another order (held to ``V`` ulps of ``max|z|``). Gradients of
+a tile: rtol 1e-5 plus atol 2e-5 of the largest entry, as for the whole op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fused.kernels.launch import (
+    COLUMN_ALIGNMENT,
+    FULL_VOCABULARY_TILE_BYTES,
+    MAX_CHUNK_ROWS,
+    VOCABULARY_BLOCK,
+    plan_tiles,
+    row_kernel_launch,
+)
+from fused.kernels.logit_gradient import write_logit_gradient
+from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
+from fused.kernels.logit_transform import tanh_and_slope
+from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
+
+EPS32 = torch.finfo(torch.float32).eps
+TRANSFORMS = {
+    "none": LossOptions(),
+    "scale_and_cap": LossOptions(logit_scale=1.7, softcap=3.0, label_smoothing=0.1, z_loss=0.02),
+}
+
+
+def tile_problem(rows=6, vocab=70, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[1] = -100
+    return logits, targets
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_statistics_carry_across_vocabulary_blocks(name):
+    # Two blocks of 33 and 37 columns (neither a power of two): the second carries on from
+    # the first's running max and sums, as the op does for one row chunk.
+    options = TRANSFORMS[name]
+    logits, targets = tile_problem()
+    stats = RowStatistics(logits.shape[0], torch.float32, logits.device, sum_logits=True)
+    rows = slice(0, logits.shape[0])
+    for cols in (slice(0, 33), slice(33, 70)):
+        accumulate_logit_statistics(logits[:, cols].contiguous(), cols.start, targets, stats, rows, options)
+    z = transform_logits(logits, options)
+    scale = z.abs().max().item()
+    lse = stats.max + torch.log(stats.sumexp)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=0, atol=4 * EPS32 * (scale + math.log(70)))
+    valid = targets != -100
+    expected_target = z.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(stats.target_logit[valid], expected_target[valid], rtol=0, atol=4 * EPS32 * scale)
+    assert stats.target_logit[~valid].eq(0).all()  # -100 lies in no block
+    torch.testing.assert_close(stats.logit_sum, z.sum(-1), rtol=0, atol=70 * EPS32 * scale)
+
+
+def test_statistics_of_a_row_subset():
+    # A row chunk in the middle: only its rows' statistics move.
+    logits, targets = tile_problem(rows=10)
+    stats = RowStatistics(10, torch.float32, logits.device, sum_logits=False)
+    rows = slice(3, 8)
+    accumulate_logit_statistics(logits[rows].contiguous(), 0, targets, stats, rows, LossOptions())
+    torch.testing.assert_close(stats.max[rows] + torch.log(stats.sumexp[rows]), torch.logsumexp(logits[rows], -1))
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[rows] = False
+    assert stats.max[untouched].eq(-math.inf).all() and stats.sumexp[untouched].eq(0).all()
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_gradient_of_a_vocabulary_block(name):
+    # The kernel's dL/dx on columns [20, 57) equals autograd's through the contract's own
+    # transform and token_losses, for random upstream gradients of the loss and of the lse.
+    options = TRANSFORMS[name]
+    logits, targets = tile_problem()
+    gen = torch.Generator().manual_seed(1)
+    loss_grad, lse_grad = torch.randn(2, logits.shape[0], generator=gen)
+    x = logits.clone().requires_grad_()
+    losses, lse = token_losses(transform_logits(x, options), targets, options)
+    (expected,) = torch.autograd.grad((losses * loss_grad).sum() + (lse * lse_grad).sum(), x)
+    cols = slice(20, 57)
+    tile = logits[:, cols].contiguous()
+    rows = slice(0, logits.shape[0])
+    write_logit_gradient(tile, cols.start, targets, lse.detach(), loss_grad, lse_grad, rows, logits.shape[1], options)
+    torch.testing.assert_close(tile, expected[:, cols], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
+
+
+def test_gradient_with_unit_upstream_and_broadcast_row_gradient():
+    # loss_grad None means 1 on valid rows; a stride-0 loss_grad is one value for all rows.
+    logits, targets = tile_problem()
+    options = LossOptions()
+    _, lse = token_losses(logits, targets, options)
+    rows = slice(0, logits.shape[0])
+    unit = logits.clone()
+    write_logit_gradient(unit, 0, targets, lse, None, None, rows, logits.shape[1], options)
+    broadcast = logits.clone()
+    write_logit_gradient(broadcast, 0, targets, lse, torch.tensor(2.0).expand(6), None, rows, logits.shape[1], options)
+    expected = torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets.clamp_min(0), logits.shape[1])
+    expected[targets == -100] = 0
+    torch.testing.assert_close(unit, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(broadcast, 2 * expected, rtol=1e-5, atol=2e-6)
+
+
+@triton.jit
+def _tanh_and_slope_kernel(x_ptr, t_ptr, s_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    t, s = tanh_and_slope(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    tl.store(t_ptr + offs, t, mask=mask)
+    tl.store(s_ptr + offs, s, mask=mask)
+
+
+def test_tanh_and_slope_accuracy():
+    # Both keep their float32 relative precision everywhere: near 0 (the series), around
+    # the switch at 0.1, and where tanh saturates (the slope from exp, not 1 - t*t).
+    x = torch.tensor([0.0, 1e-30, 1e-8, -3e-4, 0.05, 0.0999999, 0.1, -0.1000001, 0.5, -1.0, 3.0, 8.0, -15.0, 40.0])
+    t, s = torch.empty_like(x), torch.empty_like(x)
+    _tanh_and_slope_kernel[(1,)](x, t, s, x.numel(), BLOCK=16)
+    exact_t = torch.tanh(x.double())
+    exact_s = 1 / torch.cosh(x.double()) ** 2
+    assert ((t.double() - exact_t).abs() <= 4 * EPS32 * exact_t.abs()).all(), t.double() - exact_t
+    assert ((s.double() - exact_s).abs() <= 8 * EPS32 * exact_s).all(), s.double() / exact_s - 1
+
+
+def test_plan_takes_the_whole_vocabulary_when_it_fits():
+    plan = plan_tiles(37, 101, 4, None, None)
+    assert (plan.rows, plan.cols) == (37, 101)
+    plan = plan_tiles(37, 101, 4, 10, 1000)  # capped by the problem's own size
+    assert (plan.rows, plan.cols) == (10, 101)
+    rows = FULL_VOCABULARY_TILE_BYTES // (32000 * 2)
+    assert plan_tiles(rows, 32000, 2, None, None).cols == 32000
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 256000, 262144])
+def test_plan_cuts_a_large_vocabulary_into_equal_aligned_blocks(vocab):
+    plan = plan_tiles(8192, vocab, 2, None, None)
+    blocks = math.ceil(vocab / plan.cols)
+    assert plan.rows == 8192 and plan.cols % COLUMN_ALIGNMENT == 0
+    assert VOCABULARY_BLOCK // 2 < plan.cols <= VOCABULARY_BLOCK + COLUMN_ALIGNMENT
+    assert vocab - (blocks - 1) * plan.cols >= plan.cols / 2  # no sliver of a last block
+    assert plan.rows * plan.cols * 2 <= FULL_VOCABULARY_TILE_BYTES  # bounded, whatever N * V
+
+
+def test_plan_caps_the_rows_of_a_chunk():
+    assert plan_tiles(10**6, 1000, 2, None, None).rows == MAX_CHUNK_ROWS
+    assert plan_tiles(100, 1000, 2, 4096, None).rows == 100
+
+
+def test_row_kernel_launch():
+    assert row_kernel_launch(1) == {"BLOCK_V": 1, "num_warps": 4}
+    assert row_kernel_launch(101) == {"BLOCK_V": 128, "num_warps": 4}
+    assert row_kernel_launch(4032) == {"BLOCK_V": 2048, "num_warps": 8}
