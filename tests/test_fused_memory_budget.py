@@ -1,0 +1,64 @@
+"""The memory_budget knob: the plan it picks fits the budget by the stated formula, prefers
+whole-vocabulary tiles, and gives the same loss and gradients as the contract."""
+
+import pytest
+import torch
+
+import fused
+from fused.kernels.launch import (
+    MIN_BUDGET_COLS, MIN_WHOLE_VOCABULARY_ROWS, PER_TOKEN_BYTES, TilePlan, plan_for_budget,
+)
+from reference.linear_cross_entropy import linear_cross_entropy as contract
+
+MiB = 2**20
+
+
+def _extra_bytes(plan: TilePlan, n_rows: int, vocab: int, hidden_dim: int, itemsize: int) -> int:
+    accumulator = plan.rows * hidden_dim * 4 if plan.cols < vocab and itemsize < 4 else 0
+    return plan.rows * plan.cols * itemsize + accumulator + PER_TOKEN_BYTES * n_rows
+
+
+@pytest.mark.parametrize("n,d,v", [(8192, 2048, 128256), (8192, 2304, 256000), (16384, 4096, 151936), (4096, 4096, 32000)])
+@pytest.mark.parametrize("budget", [32 * MiB, 64 * MiB, 512 * MiB])
+def test_plan_fits_the_budget(n, d, v, budget):
+    plan = plan_for_budget(n, v, d, 2, budget)
+    assert _extra_bytes(plan, n, v, d, 2) <= budget
+    assert 1 <= plan.rows <= n and min(v, MIN_BUDGET_COLS) <= plan.cols <= v
+    if plan.cols < v:  # whole-vocabulary tiles were not affordable with enough rows
+        assert (budget - PER_TOKEN_BYTES * n) // (v * 2) < min(n, MIN_WHOLE_VOCABULARY_ROWS)
+
+
+def test_plan_prefers_whole_vocabulary_tiles():
+    assert plan_for_budget(4096, 32000, 4096, 2, 512 * MiB) == TilePlan(rows=4096, cols=32000)
+
+
+def test_too_small_budget_names_the_minimum():
+    with pytest.raises(ValueError, match=r"memory_budget=1000 bytes is too small .* at least \d+ bytes"):
+        plan_for_budget(4096, 32000, 4096, 2, 1000)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_budget_gives_the_contract_values(backend):
+    # The Triton backend runs on the GPU when there is one, else in the interpreter (conftest).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    h = torch.randn(37, 24, device=device, requires_grad=True)
+    w = torch.randn(301, 24, device=device, requires_grad=True)
+    y = torch.randint(0, 301, (37,), device=device)
+    y[::4] = -100
+    # Room for 16 rows of 64 columns (fp32: no accumulator): several row chunks and vocabulary blocks.
+    loss = fused.linear_cross_entropy(h, w, y, memory_budget=37 * PER_TOKEN_BYTES + 16 * 64 * 4 * 32, backend=backend)
+    grads = torch.autograd.grad(loss, (h, w))
+    expected = contract(h, w, y)
+    expected_grads = torch.autograd.grad(expected, (h, w))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(memory_budget=0), dict(memory_budget=1 << 20, chunk_size=8),
+                                 dict(memory_budget=1 << 20, vocab_chunk_size=64)])
+def test_bad_budget_arguments(bad):
+    h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
+    with pytest.raises(ValueError, match="memory_budget"):
+        fused.linear_cross_entropy(h, w, y, **bad)
