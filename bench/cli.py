@@ -70,8 +70,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-data", default="peaked", help="data kinds of the sweeps")
     ap.add_argument("--chunk-sizes", default="",
                     help="explicit settings of the fused kernel, comma list of ROWS (chunk_size) or ROWSxCOLS (and vocab_chunk_size)")
-    ap.add_argument("--chunk-itemsize", type=int, default=None,
-                    help="bytes per logit in chunk_size = budget // (V * itemsize); default: the dtype's")
     gpu = {k: v[0] for k, v in PRESETS.items()}
     ap.add_argument("--device", help=f"default {gpu['device']} (cpu with --smoke)")
     ap.add_argument("--shapes", help=f"TOKENSxHIDDENxVOCAB comma list; default {gpu['shapes']}")
@@ -121,8 +119,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         ap.error(str(e))
     args.dtype = getattr(torch, args.dtype)
-    if args.chunk_itemsize is None:
-        args.chunk_itemsize = args.dtype.itemsize
     return args
 
 
@@ -219,7 +215,6 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device) -> Non
                         kernel_settings,
                         budgets=fused_budgets,
                         chunk_sizes=fused_chunks,
-                        chunk_itemsize=args.chunk_itemsize,
                         emit=lambda r: emit(r, collected),
                     )
         result.finish()

@@ -116,13 +116,12 @@ def measure_shape(
     *,
     budgets: Sequence[int | str] = (),
     chunk_sizes: Sequence[int | tuple[int, int]] = (),
-    chunk_itemsize: int = 2,
     emit: Callable[[Record], None],
 ) -> None:
     """Measure the bound, ``methods`` and the fused kernel's memory settings at ``shape`` on
     ``data``; hand each record to ``emit`` as soon as it exists.
 
-    ``budgets``/``chunk_sizes``/``chunk_itemsize``: the fused kernel's settings, see
+    ``budgets``/``chunk_sizes``: the fused kernel's settings, see
     ``bench.methods.fused_methods``; none given, the kernel is not measured.
     """
     base = {
@@ -177,7 +176,7 @@ def measure_shape(
         emit(record)
         if method.name == "liger_flce" and record.get("extra_mib") is not None:
             liger_extra = int(record["extra_mib"] * MIB)
-    fused = fused_methods(budgets, chunk_sizes, vocab=shape.vocab, itemsize=chunk_itemsize, liger_extra_bytes=liger_extra)
+    fused = fused_methods(budgets, chunk_sizes, liger_extra_bytes=liger_extra)
     for method in fused:
         emit(run(method))
     del problem, truth

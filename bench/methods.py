@@ -3,15 +3,12 @@
 
 Peers are optional imports: a missing package, or a torch without the function, becomes an
 entry with ``unavailable`` set, never an exception. The project's kernel is timed at
-several settings of its memory knob ``chunk_size`` (rows of logits alive at once), each
-derived from a budget of extra bytes above the gradient buffers,
-``chunk_size = budget_bytes // (V * itemsize)`` rows of the whole vocabulary, and as users
-call it, with no knob set.
+several budgets of extra bytes above the gradient buffers (its ``memory_budget`` knob),
+at explicit tile settings, and as users call it, with no knob set.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -154,13 +151,6 @@ def parse_budget(text: str) -> int | str:
     return int(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
 
 
-def chunk_size_for_budget(budget_bytes: int, vocab: int, itemsize: int) -> int:
-    """Rows of ``vocab`` logits of ``itemsize`` bytes that fit in ``budget_bytes``, at least 1."""
-    if budget_bytes <= 0 or vocab <= 0 or itemsize <= 0:
-        raise ValueError(f"budget, vocab and itemsize must be positive, got {budget_bytes}, {vocab}, {itemsize}")
-    return max(1, budget_bytes // (vocab * itemsize))
-
-
 def _budget_label(budget_bytes: int) -> str:
     for unit in ("GiB", "MiB", "KiB"):
         if budget_bytes % _UNITS[unit.lower()] == 0:
@@ -188,17 +178,14 @@ def fused_methods(
     budgets: Sequence[int | str],
     chunk_sizes: Sequence[int | tuple[int, int]],
     *,
-    vocab: int,
-    itemsize: int,
     liger_extra_bytes: int | None,
 ) -> list[Method]:
-    """One entry of ``fused.linear_cross_entropy`` per memory setting at vocabulary ``vocab``.
+    """One entry of ``fused.linear_cross_entropy`` per memory setting.
 
     ``budgets``: bytes; ``"liger"`` for Liger's measured extra memory at this shape
     (``liger_extra_bytes``; None when Liger was not measured); ``"default"`` for the kernel
-    with no knob set. A budget sets ``chunk_size`` rows of the whole vocabulary, so where the
-    kernel also has ``vocab_chunk_size`` it is set to ``vocab``: one tile of
-    ``chunk_size x vocab`` logits, which is what the budget pays for.
+    with no knob set. A budget is handed to the kernel's ``memory_budget``, which picks the
+    fastest tile whose extra memory fits in it.
     ``chunk_sizes``: explicit settings, ``rows`` (``chunk_size``, the kernel choosing the
     rest) or ``(rows, cols)`` (``chunk_size`` and ``vocab_chunk_size``).
     """
@@ -209,11 +196,6 @@ def fused_methods(
     except Exception as e:
         names = [_budget_name(b) for b in budgets] + [_chunk_name(c) for c in chunk_sizes]
         return [_unavailable(n, e) for n in names]
-    try:
-        whole_vocabulary = {"vocab_chunk_size": vocab} if "vocab_chunk_size" in inspect.signature(kernel).parameters else {}
-    except (TypeError, ValueError):  # no signature to read
-        whole_vocabulary = {}
-
     def entry(name: str, knobs: dict[str, int], **params: Any) -> Method:
         return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**knobs, **params})
 
@@ -226,8 +208,7 @@ def fused_methods(
             out.append(_unavailable(_budget_name(budget), "needs Liger's extra memory measured at this shape"))
             continue
         nbytes = liger_extra_bytes if budget == LIGER_BUDGET else budget
-        knobs = {"chunk_size": chunk_size_for_budget(nbytes, vocab, itemsize), **whole_vocabulary}
-        out.append(entry(_budget_name(budget), knobs, budget_bytes=nbytes, itemsize=itemsize))
+        out.append(entry(_budget_name(budget), {"memory_budget": int(nbytes)}))
     for setting in chunk_sizes:
         rows, cols = setting if isinstance(setting, tuple) else (setting, None)
         out.append(entry(_chunk_name(setting), {"chunk_size": rows, **({} if cols is None else {"vocab_chunk_size": cols})}))

@@ -130,7 +130,7 @@ def test_gpu_defaults_and_cuda_check(tmp_path):
     assert [s.tokens for s in args.token_sweep] == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert {(s.hidden, s.vocab) for s in args.token_sweep} == {(2048, 128256)}
     assert [s.vocab for s in args.vocab_sweep] == [32000, 49152, 128256, 151936, 262144]
-    assert args.budgets == [32 << 20, "liger", 512 << 20, "default"] and args.chunk_itemsize == 2
+    assert args.budgets == [32 << 20, "liger", 512 << 20, "default"]
     assert args.methods == list(methods.METHOD_NAMES) and args.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
     if not torch.cuda.is_available():
         assert cli.main(["--out", str(tmp_path), "--parts", "shapes"]) == 2
@@ -157,46 +157,28 @@ def test_parse_chunk_setting():
             methods.parse_chunk_setting(bad)
 
 
-def test_chunk_size_for_budget():
-    # 32 MiB of bf16 logits at Llama 3's vocabulary: 130 rows (130 * 128256 * 2 <= 2**25 < 131 * ...).
-    assert methods.chunk_size_for_budget(32 << 20, 128256, 2) == 130
-    assert methods.chunk_size_for_budget(512 << 20, 262144, 2) == 1024
-    assert methods.chunk_size_for_budget(10, 128256, 2) == 1  # never zero rows
-    with pytest.raises(ValueError):
-        methods.chunk_size_for_budget(0, 128256, 2)
-
-
 def test_fused_settings_call_the_kernel_with_their_knobs(monkeypatch):
     calls = []
 
-    def kernel(h, w, y, *, chunk_size=None, vocab_chunk_size=None):
-        calls.append((chunk_size, vocab_chunk_size))
+    def kernel(h, w, y, *, chunk_size=None, vocab_chunk_size=None, memory_budget=None):
+        calls.append((chunk_size, vocab_chunk_size, memory_budget))
 
     monkeypatch.setitem(sys.modules, "fused", types.SimpleNamespace(linear_cross_entropy=kernel))
-    entries = methods.fused_methods([4096, "liger", "default"], [7, (8, 16)], vocab=64, itemsize=2, liger_extra_bytes=None)
+    entries = methods.fused_methods([4096, "liger", "default"], [7, (8, 16)], liger_extra_bytes=None)
     assert [m.name for m in entries] == ["fused@4KiB", "fused@liger", "fused@default", "fused@chunk=7", "fused@chunk=8x16"]
     assert entries[1].fn is None and "Liger" in entries[1].unavailable
     for m in (entries[0], *entries[2:]):
         m.fn(None, None, None)
-    # A budget buys rows of the whole vocabulary; an explicit chunk size leaves the rest to the kernel.
-    assert calls == [(32, 64), (None, None), (7, None), (8, 16)]
-    assert entries[0].params == {"chunk_size": 32, "vocab_chunk_size": 64, "budget_bytes": 4096, "itemsize": 2}
-    (liger,) = methods.fused_methods(["liger"], [], vocab=64, itemsize=4, liger_extra_bytes=1000)
-    assert liger.params == {"chunk_size": 3, "vocab_chunk_size": 64, "budget_bytes": 1000, "itemsize": 4}
-
-
-def test_fused_budget_without_a_vocabulary_knob(monkeypatch):
-    calls = []
-    fake = types.SimpleNamespace(linear_cross_entropy=lambda h, w, y, chunk_size: calls.append(chunk_size))
-    monkeypatch.setitem(sys.modules, "fused", fake)
-    (entry,) = methods.fused_methods([32 << 20], [], vocab=128256, itemsize=2, liger_extra_bytes=None)
-    entry.fn(None, None, None)
-    assert calls == [130] and entry.params == {"chunk_size": 130, "budget_bytes": 32 << 20, "itemsize": 2}
+    # A budget goes to the kernel's memory_budget; an explicit chunk size leaves the rest to the kernel.
+    assert calls == [(None, None, 4096), (None, None, None), (7, None, None), (8, 16, None)]
+    assert entries[0].params == {"memory_budget": 4096}
+    (liger,) = methods.fused_methods(["liger"], [], liger_extra_bytes=1000)
+    assert liger.params == {"memory_budget": 1000}
 
 
 def test_fused_unavailable_when_the_module_lacks_the_kernel(monkeypatch):
     monkeypatch.setitem(sys.modules, "fused", types.SimpleNamespace())
-    entries = methods.fused_methods([32 << 20], [5], vocab=64, itemsize=2, liger_extra_bytes=None)
+    entries = methods.fused_methods([32 << 20], [5], liger_extra_bytes=None)
     assert [(m.name, m.fn) for m in entries] == [("fused@32MiB", None), ("fused@chunk=5", None)]
     assert all("linear_cross_entropy" in m.unavailable for m in entries)
 
