@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
 import fused
 from reference.peak_memory import peak_memory_bytes
@@ -84,6 +84,8 @@ def finetune(model: nn.Module, dataset, tokenizer, *, name: str, patch: bool, st
         args = _training_arguments(output_dir, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                                    lr=lr, seed=seed, progress=progress)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        if not progress:  # without progress bars Trainer prints every log line instead
+            trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
