@@ -10,9 +10,10 @@ Tolerances, float32 (fused vs. contract). The kernels sum the exponentials of a 
 block (online log-sum-exp) where torch.logsumexp sums them in one go, and compute tanh from
 exp; over 260 random problems (logits up to |z| ~ 60, every option, row chunks of 1 to 64
 tokens, vocabulary blocks of 1 to 1000 columns) losses and lse differed from the contract by
-at most 1.8 float32 ulps of ``max|z| + log V`` per token and gradients by at most 6.4e-6 of
+at most 2.9 float32 ulps of ``max|z| + log V`` per token and gradients by at most 6.4e-6 of
 their largest entry. Losses and lse are held to 4 such ulps per token (times the tokens a
-summed loss adds up), plus rtol 1e-6; gradients to rtol 1e-5 plus atol 2e-5 * max|expected|.
+summed loss adds up), plus rtol 1e-6; gradients to rtol 1e-5 plus atol 2e-5 * max|expected|
+(at least 1e-6).
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ def forward_atols(hidden, weight, bias, labels, kwargs):
 
 
 def assert_grad_close(actual, expected):
+    # The 1e-6 floor is for gradients the contract gets exactly 0 and float32 arithmetic
+    # gets as a rounding residue: with V = 1, p - (1 - eps) - eps / V = 1.3e-8.
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-5 * expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=max(2e-5 * expected.abs().max().item(), 1e-6))
 
 
 def assert_matches_contract(hidden, weight, bias, labels, *, tiles=None, upstream=None, lse_upstream=None, **kwargs):
