@@ -29,12 +29,16 @@ CALLS = {
 }
 
 
+# The kernels run on the GPU where there is one, else in the interpreter (conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def problem(dtype=torch.float32, n=N, d=D, vocab=V, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=gen, dtype=dtype, requires_grad=True)
-    weight = torch.randn(vocab, d, generator=gen, dtype=dtype).mul_(0.5).requires_grad_()
-    bias = torch.randn(vocab, generator=gen, dtype=dtype, requires_grad=True)
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    hidden = torch.randn(n, d, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+    weight = torch.randn(vocab, d, generator=gen, dtype=dtype).mul_(0.5).to(DEVICE).requires_grad_()
+    bias = torch.randn(vocab, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(DEVICE)
     labels[::4] = -100
     return hidden, weight, bias, labels
 
@@ -95,7 +99,7 @@ def test_opcheck_backward():
     args = _forward_args(hidden, weight, bias, labels, reduction="none", grads=(False, False, False))
     _, lse, *_ = fused_module._forward_op(*args)
     gen = torch.Generator().manual_seed(1)
-    loss_grad, lse_grad = torch.randn(2, 9, generator=gen)
+    loss_grad, lse_grad = torch.randn(2, 9, generator=gen).to(DEVICE)
     backward_args = (*args[:16], lse.detach(), loss_grad, lse_grad, True, True, True)
     torch.library.opcheck(fused_module._backward_op, backward_args)
 

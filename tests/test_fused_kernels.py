@@ -29,6 +29,12 @@ from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_stati
 from fused.kernels.logit_transform import tanh_and_slope
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
+# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
+# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
+# tests/gpu checks them there at real shapes and dtypes.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+
+
 EPS32 = torch.finfo(torch.float32).eps
 TRANSFORMS = {
     "none": LossOptions(),

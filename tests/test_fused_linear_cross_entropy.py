@@ -33,6 +33,12 @@ from reference.linear_cross_entropy import LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
 
+# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
+# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
+# tests/gpu checks them there at real shapes and dtypes.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+
+
 # The module, not the function of the same name that fused/__init__ exports.
 fused_module = importlib.import_module("fused.linear_cross_entropy")
 
