@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, transform_logits
 from reference.peak_memory import peak_memory_bytes
+from loss_tolerances import forward_atols
 
 IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
@@ -88,23 +89,6 @@ def loss_and_grads(fn, hidden, weight, bias, labels, upstream=None, lse_upstream
 def assert_grad_close(actual, expected, rtol=1e-5, scale_atol=2e-5):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=scale_atol * expected.abs().max().item())
-
-
-def forward_atols(hidden, weight, bias, labels, kwargs):
-    """Absolute tolerances of (loss, lse): 4 float32 ulps of max|z| + log V per token, times
-    the number of tokens a reduced loss adds up over its divisor."""
-    options = LossOptions(softcap=kwargs.get("softcap"), logit_scale=kwargs.get("logit_scale"))
-    with torch.no_grad():
-        z = transform_logits(F.linear(hidden, weight, bias).float(), options)
-    per_token = 4 * EPS32 * (z.abs().max().item() + math.log(weight.shape[0]))
-    count = kwargs.get("num_items_in_batch")
-    if kwargs.get("reduction") == "none":
-        tokens = 1.0
-    elif count is not None:
-        tokens = labels.numel() / max(float(count), 1.0)
-    else:
-        tokens = labels.numel() if kwargs.get("reduction") == "sum" else 1.0
-    return per_token * tokens, per_token
 
 
 def assert_forward_close(ours, ref, atols):

@@ -32,6 +32,7 @@ from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
+from loss_tolerances import forward_atols
 
 # These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
 # machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
@@ -95,23 +96,6 @@ def outputs(fn, hidden, weight, bias, labels, upstream=None, lse_upstream=None, 
     inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(objective, inputs) if inputs else ()
     return loss.detach(), None if lse is None else lse.detach(), grads
-
-
-def forward_atols(hidden, weight, bias, labels, kwargs):
-    """Absolute tolerances of (loss, lse): 4 float32 ulps of max|z| + log V per token, times
-    the number of tokens a reduced loss adds up over its divisor."""
-    options = LossOptions(softcap=kwargs.get("softcap"), logit_scale=kwargs.get("logit_scale"))
-    with torch.no_grad():
-        z = transform_logits(F.linear(hidden, weight, bias).float(), options)
-    per_token = 4 * EPS32 * (z.abs().max().item() + math.log(weight.shape[0]))
-    count = kwargs.get("num_items_in_batch")
-    if kwargs.get("reduction") == "none":
-        tokens = 1.0
-    elif count is not None:
-        tokens = labels.numel() / max(float(count), 1.0)
-    else:
-        tokens = labels.numel() if kwargs.get("reduction") == "sum" else 1.0
-    return per_token * tokens, per_token
 
 
 def assert_grad_close(actual, expected):
