@@ -28,10 +28,12 @@ and ``r = rows``, ``c = cols`` of the tile plan (``s' = 4``, 8 for ``compute_dty
   + V * s'        (bias grad)     grad_bias summed in float32
   + about 6 * N * s' + 8 * N      per-token statistics, lse, losses, int64 targets
 
-By default ``r = min(N, 16384)`` and ``c = V`` when ``r * V * s <= 256 MiB``, else about 4096:
-the extra memory is bounded by ``max(256 MiB, r * 4096 * s) + r * D * 4`` and never grows
-with ``N * V``. ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary entries) trade
-it for speed (smaller tiles: more, smaller matmuls, more reads of ``W`` and ``H``).
+By default the plan is the fastest that fits in 512 MiB beyond the per-token statistics
+(``fused.kernels.launch.plan_tiles``): whole-vocabulary tiles of ``512 MiB / (V * s)`` rows
+(up to 16384) when at least 512 rows fit, so the extra memory never grows with ``N * V``.
+``memory_budget`` sets that bound; ``chunk_size`` (tokens) and ``vocab_chunk_size``
+(vocabulary entries) set the tile directly. Smaller tiles cost speed: more, smaller matmuls,
+more reads of ``W`` and read-modify-writes of ``grad_weight``.
 
 Precision: the gradient tile holds ``p - onehot`` (times per-token upstream gradients, if
 any); the mean's ``1 / count`` is the matmuls' ``alpha``, applied in cuBLAS's float32
@@ -63,6 +65,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from fused.kernels.launch import PER_TOKEN_BYTES, TilePlan, plan_for_budget, plan_tiles
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics, logit_statistics_kernel
+from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
 from reference.linear_cross_entropy import FlatProblem, LossOptions, prepare_inputs, reduce_losses
 
@@ -85,10 +88,16 @@ def _logits_tile(buffer: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tens
 
 
 def _finish_statistics(
-    stats: RowStatistics, p: FlatProblem, rows: slice, options: LossOptions, losses: Tensor, lse: Tensor
+    stats: RowStatistics, p: FlatProblem, rows: slice, options: LossOptions, losses: Tensor, lse: Tensor,
+    *, lse_known: bool = False,
 ) -> None:
-    """Write ``lse`` and the per-token losses of ``rows`` from their final statistics."""
-    row_lse = stats.max[rows] + torch.log(stats.sumexp[rows])
+    """Write the per-token losses of ``rows`` from their final statistics, and their ``lse``
+    unless a kernel wrote it already (``lse_known``)."""
+    if lse_known:
+        row_lse = lse[rows]
+    else:
+        row_lse = stats.max[rows] + torch.log(stats.sumexp[rows])
+        lse[rows] = row_lse
     loss = row_lse - stats.target_logit[rows]
     if options.label_smoothing:
         eps = options.label_smoothing
@@ -97,7 +106,6 @@ def _finish_statistics(
         loss = loss + options.z_loss * row_lse.square()
     valid = p.targets[rows] != options.ignore_index
     losses[rows] = torch.where(valid, loss, torch.zeros_like(loss))
-    lse[rows] = row_lse
 
 
 @dataclasses.dataclass
@@ -153,11 +161,17 @@ def _run_tiles(
     if want_hidden and len(blocks) > 1 and hidden.dtype.itemsize < 4:
         acc = torch.empty(plan.rows, d, dtype=torch.float32, device=device)
 
+    # A tile spanning the vocabulary, in a forward that wants gradients, takes statistics and
+    # gradient in one launch; the losses then follow for all rows at once, after the loop.
+    one_launch = losses is not None and len(blocks) == 1 and any(wanted) and loss_grad is None and lse_grad is None
     for start in range(0, n, plan.rows):
         rows = slice(start, min(start + plan.rows, n))
         h = hidden[rows]
         logits = None
-        if losses is not None:
+        if one_launch:
+            logits = _logits_tile(tile, h, weight, bias, blocks[0])
+            write_statistics_and_gradient(logits, targets, stats, lse, rows, options)
+        elif losses is not None:
             for cols in blocks:
                 logits = _logits_tile(tile, h, weight, bias, cols)
                 accumulate_logit_statistics(logits, cols.start, targets, stats, rows, options)
@@ -169,7 +183,8 @@ def _run_tiles(
         for k, cols in enumerate(reversed(blocks)):
             if k > 0 or logits is None:
                 logits = _logits_tile(tile, h, weight, bias, cols)
-            write_logit_gradient(logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options)
+            if not one_launch:
+                write_logit_gradient(logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options)
             if want_hidden:
                 out = grad_hidden[rows]
                 if acc is None:
@@ -188,6 +203,8 @@ def _run_tiles(
                 grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=alpha)
         if acc is not None:
             grad_hidden[rows].copy_(acc[: rows.stop - rows.start])
+    if one_launch:
+        _finish_statistics(stats, p, slice(0, n), options, losses, lse, lse_known=True)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return _TileResults(losses, lse, grad_hidden, grad_weight, grad_bias)
@@ -282,7 +299,8 @@ def _forward_op(
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
     count = _count(num_items, num_items_value)
     p = _flat_problem(hidden, weight, labels, bias, options, shift, count)
-    plan = plan_tiles(p.hidden.shape[0], p.weight.shape[0], p.hidden.element_size(), chunk_size, vocab_chunk_size)
+    vocab, hidden_dim = p.weight.shape
+    plan = plan_tiles(p.hidden.shape[0], vocab, hidden_dim, p.hidden.element_size(), chunk_size, vocab_chunk_size)
     wanted = (grad_hidden, grad_weight, grad_bias)
     alpha = _forward_gradient_scale(p.targets, options, count) if any(wanted) else 1.0
     out = _run_tiles(p, options, plan, compute_dtype, alpha=alpha, wanted=wanted)
@@ -355,7 +373,7 @@ def _backward_op(
         row_grad = loss_grad.reshape(n)
     else:
         row_grad = (loss_grad / _denominator(p.targets, options, count)).reshape(-1).expand(n)
-    plan = plan_tiles(n, p.weight.shape[0], p.hidden.element_size(), chunk_size, vocab_chunk_size)
+    plan = plan_tiles(n, *p.weight.shape, p.hidden.element_size(), chunk_size, vocab_chunk_size)
     out = _run_tiles(
         p,
         options,

@@ -18,14 +18,20 @@ import triton.language as tl
 
 from fused.kernels.launch import (
     COLUMN_ALIGNMENT,
+    DEFAULT_MEMORY_BUDGET,
     FULL_VOCABULARY_TILE_BYTES,
     MAX_CHUNK_ROWS,
+    PER_TOKEN_BYTES,
     VOCABULARY_BLOCK,
+    TilePlan,
+    balanced_rows,
+    plan_for_budget,
     plan_tiles,
     row_kernel_launch,
 )
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
+from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.logit_transform import tanh_and_slope
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
@@ -117,6 +123,42 @@ def test_gradient_with_unit_upstream_and_broadcast_row_gradient():
     torch.testing.assert_close(broadcast, 2 * expected, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("vocab", [70, 4100])  # one block of lanes; several (BLOCK_V = 2048)
+def test_statistics_and_gradient_in_one_launch(name, vocab):
+    # The one-launch kernel of whole-vocabulary tiles: the same statistics as the statistics
+    # kernel, lse stored, and the gradient for an upstream gradient of 1 on valid rows.
+    options = TRANSFORMS[name]
+    logits, targets = tile_problem(rows=7, vocab=vocab)
+    rows = slice(2, 7)  # a row chunk in the middle of the tokens
+    separate = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
+    accumulate_logit_statistics(logits[rows].contiguous(), 0, targets, separate, rows, options)
+    stats = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
+    lse = torch.full((7,), -1.0)
+    tile = logits[rows].clone()
+    write_statistics_and_gradient(tile, targets, stats, lse, rows, options)
+    for got, want in zip(stats.rows(rows), separate.rows(rows)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse[rows], stats.max[rows] + torch.log(stats.sumexp[rows]), rtol=0, atol=0)
+    assert lse[:2].eq(-1).all()  # rows outside the chunk untouched
+    x = logits.clone().requires_grad_()
+    losses, _ = token_losses(transform_logits(x, options), targets, options)
+    (expected,) = torch.autograd.grad(losses.sum(), x)
+    torch.testing.assert_close(tile, expected[rows], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
+
+
+def test_statistics_lanes_rescale_when_the_max_moves_late():
+    # Within a lane the max grows block after block (an increasing row), and one lane only
+    # ever sees masked columns: the lanes' sums must still merge into logsumexp exactly.
+    logits = torch.linspace(-30.0, 60.0, 2 * 2048 + 3).unsqueeze(0)
+    targets = torch.tensor([2048 + 1])
+    stats = RowStatistics(1, torch.float32, logits.device, sum_logits=False)
+    accumulate_logit_statistics(logits, 0, targets, stats, slice(0, 1), LossOptions())
+    lse = stats.max + torch.log(stats.sumexp)
+    torch.testing.assert_close(lse, torch.logsumexp(logits.double(), -1).float(), rtol=0, atol=4 * EPS32 * 60)
+    torch.testing.assert_close(stats.target_logit, logits[:, 2049], rtol=0, atol=0)
+
+
 @triton.jit
 def _tanh_and_slope_kernel(x_ptr, t_ptr, s_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -138,18 +180,24 @@ def test_tanh_and_slope_accuracy():
     assert ((s.double() - exact_s).abs() <= 8 * EPS32 * exact_s).all(), s.double() / exact_s - 1
 
 
-def test_plan_takes_the_whole_vocabulary_when_it_fits():
-    plan = plan_tiles(37, 101, 4, None, None)
-    assert (plan.rows, plan.cols) == (37, 101)
-    plan = plan_tiles(37, 101, 4, 10, 1000)  # capped by the problem's own size
-    assert (plan.rows, plan.cols) == (10, 101)
+def test_default_plan_is_the_default_budget_plan():
+    for n, v, d in [(37, 101, 16), (8192, 128256, 2048), (16384, 256000, 2304), (10**6, 1000, 64)]:
+        budget = DEFAULT_MEMORY_BUDGET + PER_TOKEN_BYTES * n
+        assert plan_tiles(n, v, d, 2, None, None) == plan_for_budget(n, v, d, 2, budget)
+    assert plan_tiles(37, 101, 16, 4, None, None) == TilePlan(rows=37, cols=101)
+    # 512 MiB of bf16 logits hold 2093 rows of 128256: four equal, aligned chunks of 8192 tokens.
+    assert plan_tiles(8192, 128256, 2048, 2, None, None) == TilePlan(rows=2048, cols=128256)
+
+
+def test_chunk_size_takes_the_whole_vocabulary_when_it_fits():
+    assert plan_tiles(37, 101, 16, 4, 10, 1000) == TilePlan(rows=10, cols=101)  # capped by the problem
     rows = FULL_VOCABULARY_TILE_BYTES // (32000 * 2)
-    assert plan_tiles(rows, 32000, 2, None, None).cols == 32000
+    assert plan_tiles(rows + 5, 32000, 64, 2, rows, None) == TilePlan(rows=rows, cols=32000)
 
 
 @pytest.mark.parametrize("vocab", [128256, 151936, 256000, 262144])
-def test_plan_cuts_a_large_vocabulary_into_equal_aligned_blocks(vocab):
-    plan = plan_tiles(8192, vocab, 2, None, None)
+def test_chunk_size_cuts_a_large_vocabulary_into_equal_aligned_blocks(vocab):
+    plan = plan_tiles(8192, vocab, 2048, 2, 8192, None)
     blocks = math.ceil(vocab / plan.cols)
     assert plan.rows == 8192 and plan.cols % COLUMN_ALIGNMENT == 0
     assert VOCABULARY_BLOCK // 2 < plan.cols <= VOCABULARY_BLOCK + COLUMN_ALIGNMENT
@@ -158,8 +206,17 @@ def test_plan_cuts_a_large_vocabulary_into_equal_aligned_blocks(vocab):
 
 
 def test_plan_caps_the_rows_of_a_chunk():
-    assert plan_tiles(10**6, 1000, 2, None, None).rows == MAX_CHUNK_ROWS
-    assert plan_tiles(100, 1000, 2, 4096, None).rows == 100
+    rows = plan_tiles(10**6, 1000, 64, 2, None, None).rows
+    assert rows <= MAX_CHUNK_ROWS and math.ceil(10**6 / rows) == math.ceil(10**6 / MAX_CHUNK_ROWS)
+    assert plan_tiles(100, 1000, 64, 2, 4096, None).rows == 100
+
+
+@pytest.mark.parametrize("n,max_rows,expected", [(8192, 2093, 2048), (8192, 8192, 8192), (8192, 3000, 2752),
+                                                 (100, 40, 34), (16384, 515, 512), (4096, 540, 512)])
+def test_balanced_rows(n, max_rows, expected):
+    rows = balanced_rows(n, max_rows)
+    assert rows == expected and rows <= max_rows
+    assert math.ceil(n / rows) == math.ceil(n / max_rows)  # no more chunks than needed
 
 
 def test_row_kernel_launch():

@@ -15,18 +15,22 @@ import triton
 # A row kernel reads its row in blocks of at most this many columns (a power of two).
 MAX_BLOCK_V = 2048
 
-# Without a chunk_size, at most this many tokens share one tile; more tokens means several
-# row chunks, whose weight gradients add up in the inputs' dtype (see TilePlan).
+# At most this many tokens share one tile; more tokens means several row chunks, whose
+# weight gradients add up in the inputs' dtype (see TilePlan).
 MAX_CHUNK_ROWS = 16384
-# When a row chunk's logits over the whole vocabulary fit in this many bytes, one tile holds
-# them all: three matmuls in total, no recomputation.
+# With no knob set, the tile plan is the fastest that fits in this many bytes of extra memory
+# (beyond the per-token statistics): on an H100 in bf16, whole-vocabulary tiles of 1024 to
+# 8192 rows, at 1.12-1.23x the three-matmul bound at the benchmark's default shapes.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# With chunk_size alone, one tile spans the whole vocabulary while it fits in this many
+# bytes; beyond it the vocabulary is cut into blocks of about VOCABULARY_BLOCK columns.
 FULL_VOCABULARY_TILE_BYTES = 256 * 2**20
-# Otherwise the vocabulary is cut into blocks of about this many columns. Each extra block
-# costs one read and write of the float32 grad_hidden accumulator (about 10 * rows * D
-# bytes) against about 8 * rows * D * cols matmul FLOPs: 4096 columns keep that under 10%
-# of the matmul time on an H100.
+# Each extra vocabulary block costs one read and write of the float32 grad_hidden accumulator
+# (about 10 * rows * D bytes) against about 8 * rows * D * cols matmul FLOPs: 4096 columns
+# keep that under 10% of the matmul time on an H100.
 VOCABULARY_BLOCK = 4096
-# Column counts are rounded up to a multiple of this, for aligned cuBLAS leading dimensions.
+# Column counts are rounded up to a multiple of this, for aligned cuBLAS leading dimensions;
+# row counts of balanced chunks too, where that keeps them within their bound.
 COLUMN_ALIGNMENT = 64
 
 
@@ -45,14 +49,29 @@ class TilePlan:
     cols: int
 
 
-def plan_tiles(
-    n_rows: int, vocab: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None
-) -> TilePlan:
-    """The tile for ``n_rows`` tokens and ``vocab`` entries of ``itemsize`` bytes.
+def balanced_rows(n_rows: int, max_rows: int) -> int:
+    """Rows per chunk for ``n_rows`` tokens in chunks of at most ``max_rows``: as few chunks
+    as that allows, of equal size (a last chunk of a few rows would cost a whole pass over
+    the weight), rounded up to a multiple of ``COLUMN_ALIGNMENT`` when that stays in bound."""
+    chunks = math.ceil(n_rows / max_rows)
+    rows = math.ceil(n_rows / chunks)
+    aligned = triton.cdiv(rows, COLUMN_ALIGNMENT) * COLUMN_ALIGNMENT
+    return aligned if aligned <= max_rows and chunks > 1 else rows
 
-    ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary entries) override the
-    defaults; each is capped by the problem's own size.
+
+def plan_tiles(
+    n_rows: int, vocab: int, hidden_dim: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None
+) -> TilePlan:
+    """The tile for ``n_rows`` tokens, ``vocab`` entries and ``hidden_dim`` features of
+    ``itemsize`` bytes.
+
+    With neither knob, the fastest plan within ``DEFAULT_MEMORY_BUDGET`` bytes
+    (``plan_for_budget``). ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary
+    entries) override it; each is capped by the problem's own size.
     """
+    if chunk_size is None and vocab_chunk_size is None:
+        budget = DEFAULT_MEMORY_BUDGET + PER_TOKEN_BYTES * n_rows
+        return plan_for_budget(n_rows, vocab, hidden_dim, itemsize, budget)
     rows = min(n_rows, chunk_size or MAX_CHUNK_ROWS)
     if vocab_chunk_size is not None:
         cols = min(vocab, vocab_chunk_size)
@@ -69,9 +88,11 @@ def plan_tiles(
 # max, sum, target logit, logit sum, lse, loss, and the int64 target: about 32 bytes a token).
 PER_TOKEN_BYTES = 32
 # Whole-vocabulary tiles (three matmuls, no recomputation) are worth it once this many tokens
-# fit in one; below it the weight is re-read too often and vocabulary blocks are faster
-# (H100, bf16: 1024 x 128256 tiles ran at 1.30x the three-matmul bound, 8192 x 4096 at 1.74x).
-MIN_WHOLE_VOCABULARY_ROWS = 1024
+# fit in one; below it the weight and its gradient are re-read and re-written too often and
+# vocabulary blocks are faster. H100, bf16, at the four default shapes: 512-row tiles ran at
+# 1.28-1.70x the bound, vocabulary blocks in the same memory at 1.53-1.60x; 256-row tiles at
+# 1.8-3.0x.
+MIN_WHOLE_VOCABULARY_ROWS = 512
 # Vocabulary blocks narrower than this leave cuBLAS little to work with.
 MIN_BUDGET_COLS = 2048
 
@@ -84,13 +105,14 @@ def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, bud
     ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
     16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics. More rows means fewer re-reads of the
     weight, so the plan takes whole-vocabulary tiles if at least
-    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit, else the most rows (a power of two) that leave
-    room for ``MIN_BUDGET_COLS`` columns. Raises ``ValueError`` if no plan fits.
+    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (in chunks of equal size), else the most rows (a
+    power of two) that leave room for ``MIN_BUDGET_COLS`` columns. Raises ``ValueError`` if
+    no plan fits.
     """
     room = budget_bytes - PER_TOKEN_BYTES * n_rows
     whole_rows = room // (vocab * itemsize)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
-        return TilePlan(rows=min(n_rows, whole_rows, MAX_CHUNK_ROWS), cols=vocab)
+        return TilePlan(rows=balanced_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
     accumulator = hidden_dim * 4 if itemsize < 4 else 0
     rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
     while rows >= 1:

@@ -21,6 +21,27 @@ from reference.linear_cross_entropy import LossOptions
 
 
 @triton.jit
+def row_gradient(
+    logits_row, n_cols, target_col, lse, g, h, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Overwrite one row's ``n_cols`` raw logits at ``logits_row`` with ``dL/dx``, given the
+    row's final ``lse``, the upstream gradient ``g`` of its loss (0 if ignored) and ``h`` of
+    its lse (all in the compute dtype)."""
+    coef_p = g * (1.0 + 2.0 * z_loss * lse) + h
+    coef_target = g * (1.0 - label_smoothing)
+    coef_uniform = g * label_smoothing / vocab_size
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(lse.dtype)
+        z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        p = tl.exp(z - lse)
+        dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
+        tl.store(logits_row + cols, (dz * slope).to(logits_row.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def logit_gradient_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
     targets_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride, lse_grad_ptr,
@@ -29,7 +50,6 @@ def logit_gradient_kernel(
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    logits_row = logits_ptr + row.to(tl.int64) * row_stride
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)
     if HAS_LOSS_GRAD:
@@ -38,20 +58,13 @@ def logit_gradient_kernel(
         g = tl.full((), 1.0, lse.dtype)
     # where, not a product: an infinite upstream gradient must still give 0 on ignored rows.
     g = tl.where(target != ignore_index, g, 0.0)
-    coef_p = g * (1.0 + 2.0 * z_loss * lse)
+    h = tl.full((), 0.0, lse.dtype)
     if HAS_LSE_GRAD:
-        coef_p += tl.load(lse_grad_ptr + row).to(lse.dtype)
-    coef_target = g * (1.0 - label_smoothing)
-    coef_uniform = g * label_smoothing / vocab_size
-    target_col = target - col_offset
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < n_cols
-        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(lse.dtype)
-        z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        p = tl.exp(z - lse)
-        dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
-        tl.store(logits_row + cols, (dz * slope).to(logits_ptr.dtype.element_ty), mask=in_row)
+        h = tl.load(lse_grad_ptr + row).to(lse.dtype)
+    row_gradient(
+        logits_ptr + row.to(tl.int64) * row_stride, n_cols, target - col_offset, lse, g, h,
+        label_smoothing, z_loss, vocab_size, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
+    )
 
 
 def write_logit_gradient(

@@ -9,8 +9,12 @@ numbers, carried over from the previous vocabulary blocks of the same rows:
 * ``target_logit``: ``z_y`` when the target column ``y`` lies in this tile;
 * ``logit_sum``: ``sum_j z_j`` (label smoothing needs the mean logit), only if asked.
 
-After the last block ``lse = max + log(sumexp)``. One program per row; the row offset is
-computed in int64 so tiles beyond 2**31 elements are addressed correctly.
+Within a row each of the ``BLOCK_V`` lanes keeps its own running max and sum, so a block
+costs one exponential per logit and no reduction across the program; the lanes are merged
+once, at the end of the row. (Merging every block, with the barriers that takes, held the
+kernel to about half the H100's memory bandwidth.) After the last block
+``lse = max + log(sumexp)``. One program per row; the row offset is computed in int64 so
+tiles beyond 2**31 elements are addressed correctly.
 """
 
 import torch
@@ -24,6 +28,46 @@ from reference.linear_cross_entropy import LossOptions
 
 
 @triton.jit
+def row_statistics(
+    logits_row, n_cols, target_col, logit_scale, softcap, running_max, sumexp, target_logit, logit_sum,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Fold one row's ``n_cols`` raw logits at ``logits_row`` into its running statistics
+    (scalars, in the compute dtype) and return the updated ``(max, sumexp, target_logit,
+    logit_sum)``. ``target_col`` is the target's column within this row segment."""
+    dtype = running_max.dtype
+    lane_max = tl.full((BLOCK_V,), float("-inf"), dtype)
+    lane_sum = tl.zeros((BLOCK_V,), dtype)
+    lane_target = tl.zeros((BLOCK_V,), dtype)
+    lane_logits = tl.zeros((BLOCK_V,), dtype)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(dtype)
+        z = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(in_row, z, float("-inf"))
+        new_max = tl.maximum(lane_max, z)
+        # One exponential either way: exp(-|z - m|) is the new term when z <= m and the
+        # factor that rescales the old sum when z > m. A lane that has seen only masked
+        # columns (-inf) adds exp(-inf) = 0: its shift is 0 rather than -inf - -inf.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        e = tl.exp(tl.minimum(lane_max, z) - shift)
+        lane_sum = tl.where(z > lane_max, lane_sum * e + 1.0, lane_sum + e)
+        lane_max = new_max
+        # A target past this segment's last column must not pick up a masked lane's -inf.
+        lane_target += tl.where((cols == target_col) & in_row, z, 0.0)
+        if SUM_LOGITS:
+            lane_logits += tl.where(in_row, z, 0.0)
+    new_max = tl.maximum(running_max, tl.max(lane_max, axis=0))
+    # new_max is finite once a row has one finite logit; -inf lanes then scale by exp(-inf) = 0.
+    sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(lane_sum * tl.exp(lane_max - new_max), axis=0)
+    target_logit += tl.sum(lane_target, axis=0)
+    if SUM_LOGITS:
+        logit_sum += tl.sum(lane_logits, axis=0)
+    return new_max, sumexp, target_logit, logit_sum
+
+
+@triton.jit
 def logit_statistics_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
     targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
@@ -31,26 +75,14 @@ def logit_statistics_kernel(
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    logits_row = logits_ptr + row.to(tl.int64) * row_stride
-    target_col = tl.load(targets_ptr + row) - col_offset
-    running_max = tl.load(max_ptr + row)
-    sumexp = tl.load(sumexp_ptr + row)
-    target_logit = tl.load(target_logit_ptr + row)
+    logit_sum = tl.full((), 0.0, max_ptr.dtype.element_ty)
     if SUM_LOGITS:
         logit_sum = tl.load(logit_sum_ptr + row)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < n_cols
-        x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(running_max.dtype)
-        z = transform_logits(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        z = tl.where(in_row, z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        sumexp = sumexp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        running_max = new_max
-        # The target may lie past this block's last column, where a full-width block's lanes are masked.
-        target_logit += tl.sum(tl.where((cols == target_col) & in_row, z, 0.0), axis=0)
-        if SUM_LOGITS:
-            logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+    running_max, sumexp, target_logit, logit_sum = row_statistics(
+        logits_ptr + row.to(tl.int64) * row_stride, n_cols, tl.load(targets_ptr + row) - col_offset,
+        logit_scale, softcap, tl.load(max_ptr + row), tl.load(sumexp_ptr + row),
+        tl.load(target_logit_ptr + row), logit_sum, HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, BLOCK_V,
+    )
     tl.store(max_ptr + row, running_max)
     tl.store(sumexp_ptr + row, sumexp)
     tl.store(target_logit_ptr + row, target_logit)
@@ -72,6 +104,12 @@ class RowStatistics:
         self.target_logit = torch.zeros(n, dtype=dtype, device=device)
         self.logit_sum = torch.zeros(n if sum_logits else 1, dtype=dtype, device=device)
 
+    def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Views of ``(max, sumexp, target_logit, logit_sum)`` on ``rows``, for a kernel's
+        pointers (``logit_sum`` is a dummy of one element unless it is kept)."""
+        logit_sum = self.logit_sum[rows] if self.sum_logits else self.logit_sum
+        return self.max[rows], self.sumexp[rows], self.target_logit[rows], logit_sum
+
 
 def accumulate_logit_statistics(
     logits: Tensor, col_offset: int, targets: Tensor, stats: RowStatistics, rows: slice, options: LossOptions
@@ -85,8 +123,7 @@ def accumulate_logit_statistics(
     """
     logit_statistics_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1], col_offset,
-        targets[rows], stats.max[rows], stats.sumexp[rows], stats.target_logit[rows],
-        stats.logit_sum[rows] if stats.sum_logits else stats.logit_sum,
+        targets[rows], *stats.rows(rows),
         options.logit_scale or 1.0, options.softcap or 1.0,
         HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
         SUM_LOGITS=stats.sum_logits, **row_kernel_launch(logits.shape[1]),

@@ -183,10 +183,12 @@ def test_anchor_call_and_peak_memory():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = (n + vocab) * d * 2
-    from fused.kernels.launch import plan_tiles
+    from fused.kernels.launch import DEFAULT_MEMORY_BUDGET, plan_tiles
 
-    plan = plan_tiles(n, vocab, 2, None, None)
-    formula = plan.rows * plan.cols * 2 + plan.rows * d * 4 + 64 * n
+    plan = plan_tiles(n, vocab, d, 2, None, None)
+    accumulator = plan.rows * d * 4 if plan.cols < vocab else 0
+    formula = plan.rows * plan.cols * 2 + accumulator + 64 * n
+    assert plan.rows * plan.cols * 2 + accumulator <= DEFAULT_MEMORY_BUDGET
     print(f"peak {peak / MiB:.1f} MiB = gradients {grads / MiB:.1f} + {(peak - grads) / MiB:.1f} MiB; formula {formula / MiB:.1f} MiB")
     assert peak - grads <= formula + 8 * MiB
     truth = truth_of(hidden.detach(), weight.detach(), None, labels)[0]
