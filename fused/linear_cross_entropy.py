@@ -473,7 +473,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # The public function.
 
 
-def _check_size(name: str, value: int | None) -> None:
+def check_size(name: str, value: int | None) -> None:
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool):
@@ -525,9 +525,9 @@ def linear_cross_entropy(
     forces the chunked PyTorch path.
     """
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    _check_size("chunk_size", chunk_size)
-    _check_size("vocab_chunk_size", vocab_chunk_size)
-    _check_size("memory_budget", memory_budget)
+    check_size("chunk_size", chunk_size)
+    check_size("vocab_chunk_size", vocab_chunk_size)
+    check_size("memory_budget", memory_budget)
     if memory_budget is not None:
         if chunk_size is not None or vocab_chunk_size is not None:
             raise ValueError("memory_budget chooses chunk_size and vocab_chunk_size; pass either it or them")

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.linear_cross_entropy import linear_cross_entropy
+from fused.linear_cross_entropy import check_size, linear_cross_entropy
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
 from fused.patch_probe import (
@@ -128,6 +128,7 @@ class _PatchState:
     previous_forward: Any
     previous_accepts_loss_kwargs: tuple  # () when the instance had none, else (value,)
     signature: inspect.Signature | None = None
+    memory_budget: int | None = None  # the kernel's knob; None: its default
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -232,6 +233,7 @@ def _fused_loss(head: nn.Module, state: _PatchState, call: LossCall, hidden: Ten
         bias=bias,
         softcap=transform.softcap,
         logit_scale=transform.logit_scale,
+        memory_budget=state.memory_budget,
         **options,
     )
 
@@ -428,7 +430,13 @@ def _examine(
     return state.report, state
 
 
-def patch_model(model: nn.Module, *, example_inputs: dict[str, Any] | None = None, seed: int = 0) -> PatchReport:
+def patch_model(
+    model: nn.Module,
+    *,
+    example_inputs: dict[str, Any] | None = None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+) -> PatchReport:
     """Make ``model``'s training loss come from the fused kernel, if that is exact; report why (not).
 
     ``model``: a transformers causal LM (``*ForCausalLM``, ``*ForConditionalGeneration``),
@@ -436,16 +444,23 @@ def patch_model(model: nn.Module, *, example_inputs: dict[str, Any] | None = Non
     keyword inputs of one small batch (``input_ids`` ..., optionally ``labels``) for models
     that random ``input_ids (2, 8)`` cannot drive. ``seed`` seeds the probe's own generator;
     the global RNG, parameters, buffers, gradients and module modes are left as they were.
+    ``memory_budget``: bytes of extra memory the loss may use beyond its gradients
+    (``fused.linear_cross_entropy``'s knob; None keeps the kernel's default, 512 MiB).
 
-    Idempotent: a patched model returns its existing report. A refused model is untouched.
+    Idempotent: a patched model returns its existing report; a ``memory_budget`` given then
+    replaces the one in use. A refused model is untouched.
     """
+    check_size("memory_budget", memory_budget)
     target = _transformers_model(model)
     state = vars(target).get(_STATE)
     if state is not None:
+        if memory_budget is not None:
+            state.memory_budget = memory_budget
         return state.report
     report, state = _examine(target, example_inputs, seed)
     if state is None:
         return report
+    state.memory_budget = memory_budget
     vars(target)[_STATE] = state
     target.forward = _PatchedForward(target)
     target.accepts_loss_kwargs = report.accepts_loss_kwargs

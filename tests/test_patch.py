@@ -159,6 +159,30 @@ def test_patch_model_is_idempotent_and_leaves_the_rng_alone():
     assert first.calls.fused == 1
 
 
+def test_memory_budget_reaches_the_kernel(monkeypatch):
+    import fused.patch
+
+    budgets = []
+    kernel = fused.patch.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs["memory_budget"])
+        return kernel(*args, **kwargs)
+
+    model = llama()
+    report = patch_model(model, memory_budget=3 << 20)
+    monkeypatch.setattr(fused.patch, "linear_cross_entropy", spy)
+    loss_and_grads(model, **batch())
+    assert patch_model(model, memory_budget=5 << 20) is report  # still idempotent: the budget moves
+    loss_and_grads(model, **batch())
+    patch_model(model)  # no budget given: the one in use stays
+    loss_and_grads(model, **batch())
+    assert budgets == [3 << 20, 5 << 20, 5 << 20]
+    for bad in (0, -1, 1.5):
+        with pytest.raises((ValueError, TypeError), match="memory_budget"):
+            patch_model(llama(), memory_budget=bad)
+
+
 def test_unpatch_restores_the_stock_forward():
     model = llama()
     stock_output, stock_loss, _ = loss_and_grads(model, **batch())
