@@ -24,7 +24,7 @@ from fused.kernels.launch import (
     PER_TOKEN_BYTES,
     VOCABULARY_BLOCK,
     TilePlan,
-    balanced_rows,
+    chunk_rows,
     plan_for_budget,
     plan_tiles,
     row_kernel_launch,
@@ -33,6 +33,7 @@ from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.logit_transform import tanh_and_slope
+from fused.kernels.upstream_scale import scale_unless_one
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
 # These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
@@ -127,7 +128,7 @@ def test_gradient_with_unit_upstream_and_broadcast_row_gradient():
 @pytest.mark.parametrize("vocab", [70, 4100])  # one block of lanes; several (BLOCK_V = 2048)
 def test_statistics_and_gradient_in_one_launch(name, vocab):
     # The one-launch kernel of whole-vocabulary tiles: the same statistics as the statistics
-    # kernel, lse stored, and the gradient for an upstream gradient of 1 on valid rows.
+    # kernel, lse stored, and the gradient for a broadcast upstream gradient (0 if ignored).
     options = TRANSFORMS[name]
     logits, targets = tile_problem(rows=7, vocab=vocab)
     rows = slice(2, 7)  # a row chunk in the middle of the tokens
@@ -136,14 +137,15 @@ def test_statistics_and_gradient_in_one_launch(name, vocab):
     stats = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
     lse = torch.full((7,), -1.0)
     tile = logits[rows].clone()
-    write_statistics_and_gradient(tile, targets, stats, lse, rows, options)
+    loss_grad = torch.full((), 0.25).expand(7)  # the mean's 1 / count, broadcast over the rows
+    write_statistics_and_gradient(tile, targets, stats, lse, loss_grad, rows, options)
     for got, want in zip(stats.rows(rows), separate.rows(rows)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(lse[rows], stats.max[rows] + torch.log(stats.sumexp[rows]), rtol=0, atol=0)
     assert lse[:2].eq(-1).all()  # rows outside the chunk untouched
     x = logits.clone().requires_grad_()
     losses, _ = token_losses(transform_logits(x, options), targets, options)
-    (expected,) = torch.autograd.grad(losses.sum(), x)
+    (expected,) = torch.autograd.grad(0.25 * losses.sum(), x)
     torch.testing.assert_close(tile, expected[rows], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
 
 
@@ -185,7 +187,7 @@ def test_default_plan_is_the_default_budget_plan():
         budget = DEFAULT_MEMORY_BUDGET + PER_TOKEN_BYTES * n
         assert plan_tiles(n, v, d, 2, None, None) == plan_for_budget(n, v, d, 2, budget)
     assert plan_tiles(37, 101, 16, 4, None, None) == TilePlan(rows=37, cols=101)
-    # 512 MiB of bf16 logits hold 2093 rows of 128256: four equal, aligned chunks of 8192 tokens.
+    # 512 MiB of bf16 logits hold 2093 rows of 128256: four chunks of 2048 of 8192 tokens.
     assert plan_tiles(8192, 128256, 2048, 2, None, None) == TilePlan(rows=2048, cols=128256)
 
 
@@ -211,15 +213,23 @@ def test_plan_caps_the_rows_of_a_chunk():
     assert plan_tiles(100, 1000, 64, 2, 4096, None).rows == 100
 
 
-@pytest.mark.parametrize("n,max_rows,expected", [(8192, 2093, 2048), (8192, 8192, 8192), (8192, 3000, 2752),
-                                                 (100, 40, 34), (16384, 515, 512), (4096, 540, 512)])
-def test_balanced_rows(n, max_rows, expected):
-    rows = balanced_rows(n, max_rows)
-    assert rows == expected and rows <= max_rows
-    assert math.ceil(n / rows) == math.ceil(n / max_rows)  # no more chunks than needed
+@pytest.mark.parametrize("n,max_rows,expected", [(8192, 2093, 2048), (8192, 8192, 8192), (5000, 9000, 5000),
+                                                 (16384, 1766, 1024), (16384, 515, 512), (100, 40, 32)])
+def test_chunk_rows(n, max_rows, expected):
+    assert chunk_rows(n, max_rows) == expected
 
 
 def test_row_kernel_launch():
     assert row_kernel_launch(1) == {"BLOCK_V": 1, "num_warps": 4}
     assert row_kernel_launch(101) == {"BLOCK_V": 128, "num_warps": 4}
     assert row_kernel_launch(4032) == {"BLOCK_V": 2048, "num_warps": 8}
+
+
+@pytest.mark.parametrize("factor", [1.0, -2.5])
+def test_upstream_scale_is_skipped_on_the_device_for_one(factor):
+    grads = [torch.randn(5000), torch.randn(3, 7), torch.empty(0)]
+    before = [g.clone() for g in grads]
+    scaled = scale_unless_one(grads, torch.tensor(factor))
+    assert int(scaled) == (factor != 1.0)
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b * factor)  # exact: one rounding of an exact float64 product

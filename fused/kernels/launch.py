@@ -29,8 +29,7 @@ FULL_VOCABULARY_TILE_BYTES = 256 * 2**20
 # (about 10 * rows * D bytes) against about 8 * rows * D * cols matmul FLOPs: 4096 columns
 # keep that under 10% of the matmul time on an H100.
 VOCABULARY_BLOCK = 4096
-# Column counts are rounded up to a multiple of this, for aligned cuBLAS leading dimensions;
-# row counts of balanced chunks too, where that keeps them within their bound.
+# Column counts are rounded up to a multiple of this, for aligned cuBLAS leading dimensions.
 COLUMN_ALIGNMENT = 64
 
 
@@ -49,14 +48,14 @@ class TilePlan:
     cols: int
 
 
-def balanced_rows(n_rows: int, max_rows: int) -> int:
-    """Rows per chunk for ``n_rows`` tokens in chunks of at most ``max_rows``: as few chunks
-    as that allows, of equal size (a last chunk of a few rows would cost a whole pass over
-    the weight), rounded up to a multiple of ``COLUMN_ALIGNMENT`` when that stays in bound."""
-    chunks = math.ceil(n_rows / max_rows)
-    rows = math.ceil(n_rows / chunks)
-    aligned = triton.cdiv(rows, COLUMN_ALIGNMENT) * COLUMN_ALIGNMENT
-    return aligned if aligned <= max_rows and chunks > 1 else rows
+def chunk_rows(n_rows: int, max_rows: int) -> int:
+    """Rows per chunk for ``n_rows`` tokens in chunks of at most ``max_rows``: all of them if
+    they fit, else the largest power of two that does. cuBLAS runs power-of-two row counts
+    fastest: on an H100 at 16384 x 4096 x 151936, chunks of 1024 rows ran at 1.12x the bound
+    and of 2048 at 1.08x, but ten equal chunks of 1664 rows at 1.17x."""
+    if n_rows <= max_rows:
+        return n_rows
+    return 1 << (max_rows.bit_length() - 1)
 
 
 def plan_tiles(
@@ -105,14 +104,14 @@ def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, bud
     ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
     16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics. More rows means fewer re-reads of the
     weight, so the plan takes whole-vocabulary tiles if at least
-    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (in chunks of equal size), else the most rows (a
+    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (``chunk_rows`` of them), else the most rows (a
     power of two) that leave room for ``MIN_BUDGET_COLS`` columns. Raises ``ValueError`` if
     no plan fits.
     """
     room = budget_bytes - PER_TOKEN_BYTES * n_rows
     whole_rows = room // (vocab * itemsize)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
-        return TilePlan(rows=balanced_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
+        return TilePlan(rows=chunk_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
     accumulator = hidden_dim * 4 if itemsize < 4 else 0
     rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
     while rows >= 1:
