@@ -45,7 +45,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "methods": (",".join(METHOD_NAMES), "torch_eager,reference_chunked,fused"),
     "budgets": ("32MiB,liger,512MiB,default", "2KiB,liger,8KiB,default"),
     "models": ("smollm2-135m,qwen2.5-0.5b,llama-3.2-1b", "tiny-llama"),
-    "variants": (",".join(VARIANTS), "stock,fused"),
+    "variants": (",".join(VARIANTS), "stock,body_only,fused"),
     "e2e_tokens": ("16384", "64"),
     "e2e_seq": ("2048", "32"),
     "reps": ("10", "2"),

@@ -4,7 +4,10 @@ Models with the shapes of real ones, randomly initialised from configs (no weigh
 downloaded), bf16, SDPA attention. The batch is ``tokens // seq`` rows of ``seq`` random
 token ids, with the first quarter of each row's labels ignored. Variants: ``stock``,
 ``fused`` (``fused.patch_model``) and ``liger_flce`` (Liger's patch with only its fused
-linear cross entropy on). Peak memory is above the weights: it includes the gradients.
+linear cross entropy on), and ``body_only``: the decoder's forward and backward with no head
+and no loss, a scalar of its last hidden states in their place. That is the floor under any
+loss implementation's step: what it must keep (the activations, the decoder's gradients)
+without anything of its own. Peak memory is above the weights: it includes the gradients.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
              num_key_value_heads=2, head_dim=8, vocab_size=160, tie_word_embeddings=True),
     ),
 }
-VARIANTS = ("stock", "fused", "liger_flce")
+VARIANTS = ("stock", "body_only", "fused", "liger_flce")
 IGNORED_PREFIX = 0.25
 
 
@@ -81,6 +84,7 @@ def _patch_liger(model: torch.nn.Module) -> object:
 # Each patches a model in place and returns what to record as its note (read after the timing).
 PATCHES: dict[str, Callable[[torch.nn.Module], object] | None] = {
     "stock": None,
+    "body_only": None,
     "fused": _patch_fused,
     "liger_flce": _patch_liger,
 }
@@ -115,11 +119,14 @@ def batch(vocab: int, *, tokens: int, seq: int, device: torch.device) -> tuple[t
 def _time_step(name: str, variant: str, tokens: int, seq: int, settings: RunSettings) -> Record:
     model = build_model(name, max_positions=seq, device=settings.device, dtype=settings.dtype)
     patch = PATCHES[variant]
-    note = patch(model) if patch is not None else "stock"
+    note = patch(model) if patch is not None else variant
     ids, labels = batch(model.config.vocab_size, tokens=tokens, seq=seq, device=settings.device)
 
     def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=labels).loss
+        if variant == "body_only":
+            loss = model.get_decoder()(input_ids=ids).last_hidden_state.float().mean()
+        else:
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         return loss.detach()
 

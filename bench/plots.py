@@ -15,7 +15,7 @@ from bench.report import FUSED_PREFIX, PEERS, Record, newest_e2e, newest_ok, par
 
 _PEER_COLOURS = dict(zip(PEERS, ("#7f7f7f", "#17becf", "#bcbd22", "#8c564b", "#1f77b4", "#ff7f0e", "#e377c2")))
 _FUSED_COLOUR = "#d62728"
-_VARIANT_COLOURS = {"stock": "#7f7f7f", "liger_flce": "#1f77b4", "fused": _FUSED_COLOUR}
+_VARIANT_COLOURS = {"stock": "#7f7f7f", "body_only": "#c7c7c7", "liger_flce": "#1f77b4", "fused": _FUSED_COLOUR}
 
 
 def _colour(method: str) -> str:

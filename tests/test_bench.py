@@ -91,11 +91,14 @@ def test_smoke_sweeps_reuse_measured_shapes(smoke_dir):
 
 def test_smoke_e2e_records(smoke_dir):
     e2e = {r["variant"]: r for r in report.load_results(smoke_dir) if r["bench"] == "e2e"}
-    assert set(e2e) == {"stock", "fused"}
+    assert set(e2e) == {"stock", "body_only", "fused"}
     stock = e2e["stock"]
     assert stock["status"] == "ok" and stock["ms"] > 0
     # A random model predicts nearly uniformly over its 160 tokens.
     assert abs(stock["loss"] - math.log(160)) < 0.5
+    # The floor: the decoder alone, its loss a mean of the last hidden states (RMS-normed: small).
+    body = e2e["body_only"]
+    assert body["status"] == "ok" and body["ms"] > 0 and abs(body["loss"]) < 1
     fused = e2e["fused"]
     if fused["status"] == "ok":
         assert fused["loss"] == pytest.approx(stock["loss"], abs=2e-2)
