@@ -35,11 +35,9 @@ By default the plan is the fastest that fits in 512 MiB beyond the per-token sta
 (vocabulary entries) set the tile directly. Smaller tiles cost speed: more, smaller matmuls,
 more reads of ``W`` and read-modify-writes of ``grad_weight``.
 
-Precision: the gradient tile holds ``p - onehot`` times the token's upstream gradient (for
-the mean, ``1 / count``, computed on the device), rounded once to the inputs' dtype as in
-eager; float16 tiles, whose exponent range would flush ``p / count`` to zero, hold
-``p - onehot`` and take ``1 / count`` as the matmuls' ``alpha`` in cuBLAS's float32
-epilogue. Each gradient element is one matmul's float32
+Precision: the gradient tile holds ``p - onehot`` (times per-token upstream gradients, if
+any); the mean's ``1 / count`` is the matmuls' ``alpha``, applied in cuBLAS's float32
+epilogue, so 16-bit tiles neither underflow nor lose the near-exactness of ``p - 1``. Each gradient element is one matmul's float32
 sum rounded once, except: ``grad_hidden`` over vocabulary blocks, a float32 sum of products
 each rounded once to the inputs' dtype; and ``grad_weight`` over several row chunks
 (``N > rows``), summed in the inputs' dtype, one rounding per chunk: its error grows like
@@ -48,7 +46,7 @@ eager's error with 4 chunks, 2.3 times with 16).
 
 Autograd: a scalar loss's gradients become ``.grad`` without a copy, scaled in place by the
 upstream gradient (not at all when it is 1, decided on the device: the host never waits);
-a second backward through a retained graph raises unless both upstream gradients are 1.
+a second backward through a retained graph raises if an earlier one's was not 1.
 No double backward. Under ``torch.compile`` the op is one graph node
 (``fused::linear_cross_entropy``, and ``fused::linear_cross_entropy_backward`` for the
 recomputation: ``torch.library`` custom ops with fake and autograd registrations); the
@@ -167,14 +165,14 @@ def _run_tiles(
 
     # A tile spanning the vocabulary, in a forward that wants gradients, takes statistics and
     # gradient in one launch; the losses then follow for all rows at once, after the loop.
-    one_launch = losses is not None and len(blocks) == 1 and any(wanted) and lse_grad is None
+    one_launch = losses is not None and len(blocks) == 1 and any(wanted) and loss_grad is None and lse_grad is None
     for start in range(0, n, plan.rows):
         rows = slice(start, min(start + plan.rows, n))
         h = hidden[rows]
         logits = None
         if one_launch:
             logits = _logits_tile(tile, h, weight, bias, blocks[0])
-            write_statistics_and_gradient(logits, targets, stats, lse, loss_grad, rows, options)
+            write_statistics_and_gradient(logits, targets, stats, lse, rows, options)
         elif losses is not None:
             for cols in blocks:
                 logits = _logits_tile(tile, h, weight, bias, cols)
@@ -254,31 +252,24 @@ def _denominator(targets: Tensor, options: LossOptions, count: Tensor | float | 
     return (targets != options.ignore_index).sum()
 
 
-def _forward_gradient_scale(
-    targets: Tensor, options: LossOptions, count: Tensor | float | None, dtype: torch.dtype, compute_dtype: torch.dtype
-) -> tuple[float, Tensor | None]:
-    """How the forward pass scales every gradient by ``1 / denominator``: ``(alpha,
-    loss_grad)`` for ``_run_tiles``.
-
-    bfloat16 and wider: ``loss_grad``, the reciprocal as a 0-d tensor on the device broadcast
-    over the rows, multiplied into the gradient tile before its one rounding, as eager's
-    ``F.cross_entropy`` does; the host never waits for the count. float16 would flush
-    ``p / count`` to zero in the tile (5 exponent bits), so it takes ``alpha``, a Python
-    number applied in the matmuls' float32 epilogue, at the price of one host sync.
-    transformers' edge cases follow from ``1 / 0 = inf``: a count of 0 sends +inf to the
-    valid tokens; with none valid (a mean over none) every token's gradient is 0.
-    """
-    denominator = _denominator(targets, options, count)
-    if dtype != torch.float16:
-        if isinstance(denominator, Tensor):
-            inverse = denominator.to(compute_dtype).reciprocal()
-        else:
-            inverse = torch.full((), denominator, dtype=compute_dtype, device=targets.device).reciprocal()
-        return 1.0, inverse.reshape(()).expand(targets.shape[0])
-    denominator = float(denominator)
+def _forward_gradient_scale(p: FlatProblem, options: LossOptions, count: Tensor | float | None) -> float:
+    """``1 / denominator`` as a Python number, for the matmuls' ``alpha``: the gradient tile
+    holds ``p - onehot``, whose target entries lie next to -1 and 0 and so round to 16 bits
+    almost exactly, and the mean's scale is applied in cuBLAS's float32 epilogue. (Scaling
+    the tile instead, as eager does, rounds every entry fully: about twice eager's gradient
+    error on flat softmaxes, measured on an H100.) The valid count was read with the label
+    check; a count given as a tensor costs one more host read."""
+    if count is not None:
+        denominator = float(count)
+    elif options.reduction == "sum":
+        denominator = 1.0
+    else:
+        denominator = float(p.valid_tokens)
     if denominator != 0:
-        return 1.0 / denominator, None
-    return (math.inf if bool((targets != options.ignore_index).any()) else 0.0), None
+        return 1.0 / denominator
+    # transformers' edge cases: a count of 0 sends +inf to the valid tokens; with none valid
+    # (or a mean over none) every token's gradient is 0.
+    return math.inf if p.valid_tokens else 0.0
 
 
 def _empty_unless(t: Tensor | None, like: Tensor) -> Tensor:
@@ -321,10 +312,8 @@ def _forward_op(
     vocab, hidden_dim = p.weight.shape
     plan = plan_tiles(p.hidden.shape[0], vocab, hidden_dim, p.hidden.element_size(), chunk_size, vocab_chunk_size)
     wanted = (grad_hidden, grad_weight, grad_bias)
-    alpha, loss_grad = 1.0, None
-    if any(wanted):
-        alpha, loss_grad = _forward_gradient_scale(p.targets, options, count, p.hidden.dtype, compute_dtype)
-    out = _run_tiles(p, options, plan, compute_dtype, alpha=alpha, loss_grad=loss_grad, wanted=wanted)
+    alpha = _forward_gradient_scale(p, options, count) if any(wanted) else 1.0
+    out = _run_tiles(p, options, plan, compute_dtype, alpha=alpha, wanted=wanted)
     loss = reduce_losses(out.losses, p.targets, options, count, p.batch_shape)
     return (
         loss,
@@ -430,23 +419,22 @@ def _scale_by_upstream(ctx, grads: list[Tensor], factor: Tensor) -> list[Tensor]
 
     Eagerly in place, so no second copy of a ``V x D`` gradient exists, by a kernel that
     skips the work when ``factor`` is exactly 1 (``loss.backward()``) without the host
-    waiting to find out (``fused.kernels.upstream_scale``). Returning the same tensors again
-    is right only if neither backward scaled them: a second backward through a retained graph
-    checks that, on the host. While traced (``torch.compile``) out of place: a data-dependent
+    waiting to find out (``fused.kernels.upstream_scale``). A second backward through a
+    retained graph reads on the host whether an earlier one scaled them, and then raises
+    rather than return gradients scaled twice. While traced (``torch.compile``) out of place: a data-dependent
     branch cannot be traced.
     """
     if type(factor) is not Tensor or torch.compiler.is_compiling():
         return [g * factor for g in grads]
     scaled = getattr(ctx, "scaled", None)
-    if scaled is not None and (bool(scaled) or bool(factor != 1)):
+    if scaled is not None and bool(scaled):
         raise RuntimeError(
             "fused.linear_cross_entropy: a scalar loss computes its gradients in the forward pass and "
             "scales them in place by the upstream gradient; a second backward through it with an "
             "upstream gradient other than 1 is not supported. Use reduction='none' (and sum) or "
             "return_lse=True, whose backward recomputes."
         )
-    if scaled is None:
-        ctx.scaled = scale_unless_one(grads, factor)
+    ctx.scaled = scale_unless_one(grads, factor)
     return grads
 
 

@@ -64,13 +64,15 @@ class LossOptions:
 @dataclass(frozen=True)
 class FlatProblem:
     """Inputs reshaped to rows: ``hidden (N, D)``, ``targets (N,)`` int64 (already shifted),
-    and the leading shape of the caller's labels, for ``reduction='none'`` and the lse."""
+    the leading shape of the caller's labels, for ``reduction='none'`` and the lse, and the
+    number of targets that are not ``ignore_index``, read on the host with the validation."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
     targets: Tensor
     batch_shape: torch.Size
+    valid_tokens: int
 
 
 def prepare_inputs(
@@ -141,19 +143,21 @@ def prepare_inputs(
     labels = labels.to(device=hidden.device, dtype=torch.long)
     vocab = weight.shape[0]
     bad = (labels != options.ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
+    targets = shift_labels(labels, ignore_index=options.ignore_index) if shift else labels
+    # The check and the count of valid targets in one read: every read waits for the device.
+    any_bad, valid_tokens = torch.stack([bad.any().long(), (targets != options.ignore_index).sum()]).tolist()
+    if any_bad:
         first = labels[bad][0].item()
         raise ValueError(
             f"labels must lie in [0, {vocab}) or equal ignore_index={options.ignore_index}; found {first}"
         )
-    if shift:
-        labels = shift_labels(labels, ignore_index=options.ignore_index)
     return FlatProblem(
         hidden=hidden.reshape(-1, hidden.shape[-1]),
         weight=weight,
         bias=bias,
-        targets=labels.reshape(-1),
-        batch_shape=labels.shape,
+        targets=targets.reshape(-1),
+        batch_shape=targets.shape,
+        valid_tokens=valid_tokens,
     )
 
 

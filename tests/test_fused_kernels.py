@@ -128,7 +128,7 @@ def test_gradient_with_unit_upstream_and_broadcast_row_gradient():
 @pytest.mark.parametrize("vocab", [70, 4100])  # one block of lanes; several (BLOCK_V = 2048)
 def test_statistics_and_gradient_in_one_launch(name, vocab):
     # The one-launch kernel of whole-vocabulary tiles: the same statistics as the statistics
-    # kernel, lse stored, and the gradient for a broadcast upstream gradient (0 if ignored).
+    # kernel, lse stored, and the gradient for an upstream gradient of 1 on valid rows.
     options = TRANSFORMS[name]
     logits, targets = tile_problem(rows=7, vocab=vocab)
     rows = slice(2, 7)  # a row chunk in the middle of the tokens
@@ -137,15 +137,14 @@ def test_statistics_and_gradient_in_one_launch(name, vocab):
     stats = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
     lse = torch.full((7,), -1.0)
     tile = logits[rows].clone()
-    loss_grad = torch.full((), 0.25).expand(7)  # the mean's 1 / count, broadcast over the rows
-    write_statistics_and_gradient(tile, targets, stats, lse, loss_grad, rows, options)
+    write_statistics_and_gradient(tile, targets, stats, lse, rows, options)
     for got, want in zip(stats.rows(rows), separate.rows(rows)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(lse[rows], stats.max[rows] + torch.log(stats.sumexp[rows]), rtol=0, atol=0)
     assert lse[:2].eq(-1).all()  # rows outside the chunk untouched
     x = logits.clone().requires_grad_()
     losses, _ = token_losses(transform_logits(x, options), targets, options)
-    (expected,) = torch.autograd.grad(0.25 * losses.sum(), x)
+    (expected,) = torch.autograd.grad(losses.sum(), x)
     torch.testing.assert_close(tile, expected[rows], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
 
 

@@ -4,9 +4,9 @@ When a tile holds every vocabulary entry of its rows (and the loss is reduced, s
 gradient is wanted in the forward pass), a row's ``lse`` is final after one pass over it.
 One program per row then reads the row twice: the pass of ``row_statistics``, which also
 stores the row's statistics and ``lse``, and the pass of ``row_gradient``, which overwrites
-the logits with ``dL/dx`` for the row's upstream gradient (the mean's ``1 / count``, or 1).
-One launch instead of two, and the second read of a row follows the first closely enough
-to find part of it still in L2.
+the logits with ``dL/dx`` for an upstream gradient of 1 on valid rows (the mean's scale is
+applied later, in the matmuls' epilogue). One launch instead of two, and the second read of a row
+follows the first closely enough to find part of it still in L2.
 """
 
 import triton
@@ -22,9 +22,9 @@ from reference.linear_cross_entropy import LossOptions
 @triton.jit
 def logit_statistics_and_gradient_kernel(
     logits_ptr, row_stride, n_cols,
-    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride,
+    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, lse_ptr,
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
-    HAS_LOSS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     logits_row = logits_ptr + row.to(tl.int64) * row_stride
@@ -42,11 +42,7 @@ def logit_statistics_and_gradient_kernel(
     if SUM_LOGITS:
         tl.store(logit_sum_ptr + row, logit_sum)
     tl.store(lse_ptr + row, lse)
-    g = tl.full((), 1.0, dtype)
-    if HAS_LOSS_GRAD:
-        g = tl.load(loss_grad_ptr + row * loss_grad_stride).to(dtype)
-    # where, not a product: an infinite upstream gradient must still give 0 on ignored rows.
-    g = tl.where(target != ignore_index, g, 0.0)
+    g = tl.where(target != ignore_index, 1.0, 0.0).to(dtype)
     row_gradient(
         logits_row, n_cols, target, lse, g, zero, label_smoothing, z_loss, n_cols, logit_scale, softcap,
         HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
@@ -54,29 +50,19 @@ def logit_statistics_and_gradient_kernel(
 
 
 def write_statistics_and_gradient(
-    logits: Tensor,
-    targets: Tensor,
-    stats: RowStatistics,
-    lse: Tensor,
-    loss_grad: Tensor | None,
-    rows: slice,
-    options: LossOptions,
+    logits: Tensor, targets: Tensor, stats: RowStatistics, lse: Tensor, rows: slice, options: LossOptions
 ) -> None:
     """Fill ``stats`` and ``lse`` on ``rows`` from a whole-vocabulary tile and overwrite the
-    tile with ``dL/dx``.
+    tile with ``dL/dx`` for an upstream gradient of 1 on every valid row.
 
     ``logits (r, V)``: raw logits of rows ``rows``, contiguous rows; ``targets (N,)`` int64,
-    ``stats`` and ``lse (N,)`` (float32 or float64) of all rows. ``loss_grad``: ``(N,)``
-    upstream gradient of each row's loss (any stride, 0 for a broadcast scalar), or None for
-    1; ignored rows get 0 either way.
+    ``stats`` and ``lse (N,)`` (float32 or float64) of all rows.
     """
-    # An absent gradient's pointer is never read (HAS_LOSS_GRAD is off): pass any tensor.
-    loss_grad_rows = loss_grad[rows] if loss_grad is not None else lse
     logit_statistics_and_gradient_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1],
-        targets[rows], *stats.rows(rows), lse[rows], loss_grad_rows, loss_grad_rows.stride(0),
+        targets[rows], *stats.rows(rows), lse[rows],
         options.ignore_index, options.label_smoothing, options.z_loss,
         options.logit_scale or 1.0, options.softcap or 1.0,
-        HAS_LOSS_GRAD=loss_grad is not None, HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
+        HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
         SUM_LOGITS=stats.sum_logits, **row_kernel_launch(logits.shape[1]),
     )
