@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import cli, methods, report
+from bench import cli, methods, problems, report
 from bench.kernels import Refused, guarded
 from bench.measure import measure
 from bench.problems import IGNORE_INDEX, Shape, make_problem, parse_shape
@@ -361,3 +361,19 @@ def test_plots_draw_every_method_and_the_kernel_curve():
     lines = plots.memory_vs_tokens(records).axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["torch_eager", "cce", "fused@32MiB", "fused@512MiB", "gradient buffers"]
     assert len(plots.e2e(records).axes) == 2
+
+
+def test_whole_vocabulary_traffic():
+    from bench.traffic import H100_SXM, whole_vocabulary_traffic
+
+    shape = problems.Shape(8192, 2304, 256000)
+    t = whole_vocabulary_traffic(shape, rows=1024)
+    assert t.chunks == 8 and t.flops == 6 * 8192 * 2304 * 256000
+    assert t.weight_bytes == 4 * 7 * 256000 * 2304 * 2  # seven chunks re-read W twice and RMW grad_W
+    assert t.tile_bytes == 3 * 8192 * 256000 * 2
+    s = t.seconds()
+    assert s["tile"] == pytest.approx(12.58e9 / H100_SXM["bytes_per_s"], rel=1e-3)
+    # One chunk: no re-reads, only the tile pass.
+    assert whole_vocabulary_traffic(shape, rows=8192).weight_bytes == 0
+    with pytest.raises(ValueError, match="rows"):
+        whole_vocabulary_traffic(shape, rows=0)
