@@ -20,7 +20,7 @@ MAX_BLOCK_V = 2048
 MAX_CHUNK_ROWS = 16384
 # With no knob set, the tile plan is the fastest that fits in this many bytes of extra memory
 # (beyond the per-token statistics): on an H100 in bf16, whole-vocabulary tiles of 1024 to
-# 8192 rows, at 1.12-1.23x the three-matmul bound at the benchmark's default shapes.
+# 4096 rows at the benchmark's four default shapes, 1.10-1.26x the three-matmul bound.
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # With chunk_size alone, one tile spans the whole vocabulary while it fits in this many
 # bytes; beyond it the vocabulary is cut into blocks of about VOCABULARY_BLOCK columns.
@@ -89,8 +89,8 @@ PER_TOKEN_BYTES = 32
 # Whole-vocabulary tiles (three matmuls, no recomputation) are worth it once this many tokens
 # fit in one; below it the weight and its gradient are re-read and re-written too often and
 # vocabulary blocks are faster. H100, bf16, at the four default shapes: 512-row tiles ran at
-# 1.28-1.70x the bound, vocabulary blocks in the same memory at 1.53-1.60x; 256-row tiles at
-# 1.8-3.0x.
+# 1.29-1.54x the bound, vocabulary blocks of similar memory at 1.52-1.69x, 256-row tiles at
+# 1.8-2.3x.
 MIN_WHOLE_VOCABULARY_ROWS = 512
 # Vocabulary blocks narrower than this leave cuBLAS little to work with.
 MIN_BUDGET_COLS = 2048
