@@ -43,7 +43,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "tokens": ("1024,2048,4096,8192,16384,32768,65536", "16,48,96"),
     "vocabs": ("32000,49152,128256,151936,262144", "64,80,200"),
     "methods": (",".join(METHOD_NAMES), "torch_eager,reference_chunked,fused"),
-    "budgets": ("32MiB,liger,512MiB,default", "2KiB,liger,8KiB,default"),
+    "budgets": ("30MiB,liger,256MiB,512MiB,1GiB,default", "2KiB,liger,8KiB,default"),
     "models": ("smollm2-135m,qwen2.5-0.5b,llama-3.2-1b", "tiny-llama"),
     "variants": (",".join(VARIANTS), "stock,body_only,fused"),
     "e2e_tokens": ("16384", "64"),

@@ -21,8 +21,10 @@ FUSED_PREFIX = "fused@"
 # (and whose extra memory it may use when no limit is given), the most time as a multiple of the bound and
 # the most extra memory in MiB (or None). Every setting also keeps the gradient error of
 # hidden no worse than torch eager's.
+# The tight setting asks the kernel for 30 MiB: cuBLAS's workspace and small buffers outside
+# the plan's formula add 0.6-1.7 MiB on an H100, and the target is 32 MiB as measured.
 TARGETS = (
-    ("fused@32MiB", "cce", None, 32.0),
+    ("fused@30MiB", "cce", None, 32.0),
     ("fused@liger", "liger_flce", None, None),
     ("fused@512MiB", None, 1.15, 512.0),
 )

@@ -133,7 +133,7 @@ def test_gpu_defaults_and_cuda_check(tmp_path):
     assert [s.tokens for s in args.token_sweep] == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert {(s.hidden, s.vocab) for s in args.token_sweep} == {(2048, 128256)}
     assert [s.vocab for s in args.vocab_sweep] == [32000, 49152, 128256, 151936, 262144]
-    assert args.budgets == [32 << 20, "liger", 512 << 20, "default"]
+    assert args.budgets == [30 << 20, "liger", 256 << 20, 512 << 20, 1 << 30, "default"]
     assert args.methods == list(methods.METHOD_NAMES) and args.models == ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b"]
     if not torch.cuda.is_available():
         assert cli.main(["--out", str(tmp_path), "--parts", "shapes"]) == 2
@@ -310,14 +310,15 @@ def test_target_rows():
         _kernel(s, "cce", 3.7, 2, 0.014),
         _kernel(s, "liger_flce", 1.9, 60, 0.0075),
         _kernel(s, "torch_compile", 1.05, 2000, 0.0075),
-        _kernel(s, "fused@32MiB", 3.0, 30, 0.0070),
+        _kernel(s, "fused@30MiB", 3.0, 31, 0.0070),
         _kernel(s, "fused@liger", 1.5, 70, 0.0070),  # more memory than Liger's 60 MiB
         _kernel(s, "fused@512MiB", 1.2, 500, 0.0070),  # slower than 1.15x
         _kernel(s, "fused@512MiB", 1.1, 500, 0.0080, created="2026-11-01"),  # older: ignored
     ]
     records.sort(key=lambda r: r["created"])
     rows = {r["setting"]: r for r in report.target_rows(records)}
-    assert rows["fused@32MiB"]["holds"] is True and rows["fused@32MiB"]["max_x"] == 3.7
+    assert rows["fused@30MiB"]["holds"] is True and rows["fused@30MiB"]["max_x"] == 3.7
+    assert rows["fused@30MiB"]["max_mib"] == 32.0
     assert rows["fused@liger"]["holds"] is False and rows["fused@liger"]["max_mib"] == 60
     assert rows["fused@512MiB"]["holds"] is False and rows["fused@512MiB"]["x"] == 1.2
     # torch.compile (1.05x, 2000 MiB) beats no kernel point: every one is lighter.
