@@ -196,12 +196,15 @@ def _run_tiles(
                     torch.addmm(out, logits, weight[cols], beta=0 if k == 0 else 1, alpha=alpha, out=out)
                 else:
                     acc_rows = acc[: out.shape[0]]
-                    beta = 0 if k == 0 else 1
                     if acc_rows.is_cuda:
+                        beta = 0 if k == 0 else 1
                         torch.addmm(acc_rows, logits, weight[cols], torch.float32, beta=beta, alpha=alpha, out=acc_rows)
                     else:
                         torch.addmm(out, logits, weight[cols], beta=0, alpha=alpha, out=out)
-                        acc_rows.add_(out) if k > 0 else acc_rows.copy_(out)
+                        if k == 0:
+                            acc_rows.copy_(out)
+                        else:
+                            acc_rows.add_(out)
             if want_weight:
                 out = grad_weight[cols]
                 torch.addmm(out, logits.t(), h, beta=0 if start == 0 else 1, alpha=alpha, out=out)
