@@ -71,6 +71,7 @@ from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_stati
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.upstream_scale import scale_unless_one
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
+from reference.chunked_cross_entropy import check_size as check_positive_size
 from reference.linear_cross_entropy import FlatProblem, LossOptions, prepare_inputs, reduce_losses
 
 BACKENDS = ("auto", "triton", "reference")
@@ -492,12 +493,9 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_size(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    """``reference.chunked_cross_entropy.check_size``, with None (the knob unset) allowed."""
+    if value is not None:
+        check_positive_size(name, value)
 
 
 def linear_cross_entropy(

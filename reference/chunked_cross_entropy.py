@@ -152,12 +152,12 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``chunk_size`` is a positive int."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+def check_size(name: str, value: int) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def chunked_linear_cross_entropy(
@@ -211,7 +211,7 @@ def chunked_linear_cross_entropy(
     backward ``C * V * 4`` plus the gradients; the contract's autograd needs ``5 * N * V * 4``.
     """
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    check_chunk_size(chunk_size)
+    check_size("chunk_size", chunk_size)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
     p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
