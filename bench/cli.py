@@ -5,11 +5,14 @@ Parts, run in the order given by ``--parts``:
 * ``shapes``: the default shapes, on each kind of ``--data``;
 * ``e2e``: a training step of each of ``--models``, each of ``--variants``;
 * ``tokens``: ``--sweep-base`` with its token count replaced by each of ``--tokens``;
-* ``vocabs``: ``--sweep-base`` with its vocabulary replaced by each of ``--vocabs``.
+* ``vocabs``: ``--sweep-base`` with its vocabulary replaced by each of ``--vocabs``;
+* ``profile``: the default shapes on ``--profile-data``, each method's time split by kind
+  of kernel from one profiled run (``bench.time_breakdown``).
 
 A shape and data already measured in an earlier part of the same run is copied, not
-measured again. Once ``--time-budget-s`` is spent, what remains is recorded as skipped,
-so the run ends in about that time plus the entry in progress.
+measured again (except by ``profile``, which measures its own). Once ``--time-budget-s``
+is spent, what remains is recorded as skipped, so the run ends in about that time plus the
+entry in progress.
 ``--smoke`` runs the same code on the CPU at tiny sizes, without peers (for CI).
 """
 
@@ -34,7 +37,7 @@ from bench.methods import METHOD_NAMES, build_methods, parse_budget, parse_chunk
 from bench.problems import DATA_KINDS, Shape, parse_shape
 from bench.records import ResultFile, device_slug
 
-PARTS = ("shapes", "e2e", "tokens", "vocabs")
+PARTS = ("shapes", "e2e", "tokens", "vocabs", "profile")
 # Settings whose default depends on --smoke: (GPU run, CPU smoke run).
 PRESETS: dict[str, tuple[str, str]] = {
     "device": ("cuda", "cpu"),
@@ -68,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--data", default="peaked,uniform", help=f"data kinds of the 'shapes' part, from {DATA_KINDS}")
     ap.add_argument("--sweep-data", default="peaked", help="data kinds of the sweeps")
+    ap.add_argument("--profile-data", default="peaked", help="data kinds of the 'profile' part")
     ap.add_argument("--chunk-sizes", default="",
                     help="explicit settings of the fused kernel, comma list of ROWS (chunk_size) or ROWSxCOLS (and vocab_chunk_size)")
     gpu = {k: v[0] for k, v in PRESETS.items()}
@@ -105,6 +109,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.parts = _check("parts", _split(args.parts), PARTS)
         args.data = _check("data", _split(args.data), DATA_KINDS)
         args.sweep_data = _check("sweep-data", _split(args.sweep_data), DATA_KINDS)
+        args.profile_data = _check("profile-data", _split(args.profile_data), DATA_KINDS)
         args.methods = _check("methods", _split(args.methods), METHOD_NAMES)
         args.variants = _check("variants", _split(args.variants), VARIANTS)
         args.models = _check("models", _split(args.models), tuple(MODEL_SHAPES))
@@ -176,7 +181,7 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device) -> Non
     fused_budgets = args.budgets if "fused" in args.methods else []
     fused_chunks = args.chunk_sizes if "fused" in args.methods else []
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    measured: dict[tuple[str, str], tuple[str, list[Record]]] = {}
+    measured: dict[tuple[bool, str, str], tuple[str, list[Record]]] = {}
     for part in args.parts:
         result = ResultFile(
             args.out / f"{part}_{device_slug(device)}_{stamp}.json",
@@ -197,10 +202,13 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device) -> Non
             for model in args.models:
                 measure_model(model, tuple(args.variants), e2e_settings, tokens=args.e2e_tokens, seq=args.e2e_seq, emit=emit)
         else:
-            shapes = {"shapes": args.shapes, "tokens": args.token_sweep, "vocabs": args.vocab_sweep}[part]
-            for data in args.data if part == "shapes" else args.sweep_data:
+            shapes = {"shapes": args.shapes, "profile": args.shapes, "tokens": args.token_sweep, "vocabs": args.vocab_sweep}[part]
+            data_kinds = {"shapes": args.data, "profile": args.profile_data}.get(part, args.sweep_data)
+            # A profiled measurement is not interchangeable with a plain one.
+            settings = replace(kernel_settings, profile=part == "profile")
+            for data in data_kinds:
                 for shape in shapes:
-                    key = (str(shape), data)
+                    key = (settings.profile, str(shape), data)
                     if key in measured:
                         source, records = measured[key]
                         for record in records:
@@ -212,7 +220,7 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device) -> Non
                         shape,
                         data,
                         methods,
-                        kernel_settings,
+                        settings,
                         budgets=fused_budgets,
                         chunk_sizes=fused_chunks,
                         emit=lambda r: emit(r, collected),

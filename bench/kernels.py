@@ -4,7 +4,9 @@ Each entry becomes one record (a dict, JSON-ready). Times are medians in millise
 ``vs_bound`` divides them by the three-matmul bound timed in the same run; ``peak_mib`` is
 the peak above the inputs (it includes the gradients), ``extra_mib`` the part of it above
 the gradient buffers of hidden and weight; ``gh_rel``/``gw_rel`` are the relative L2 errors
-of the gradients against the float32 truth (``bench.truth``).
+of the gradients against the float32 truth (``bench.truth``). With ``RunSettings.profile``
+each method's record also carries one profiled run's time by kind of kernel
+(``bench.time_breakdown``) and the bound's time (``bound_ms``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from bench.measure import measure
 from bench.methods import Method, fused_methods
 from bench.problems import Problem, Shape, make_problem
+from bench.time_breakdown import time_breakdown
 from bench.truth import Truth, float32_truth, relative_error
 
 BOUND = "cublas_3mm_bound"
@@ -36,6 +39,8 @@ class RunSettings:
     warmup: int
     # Returns the reason to skip further work (the time budget is spent), or None.
     stop_reason: Callable[[], str | None]
+    # Profile one more run of each method (bench.time_breakdown).
+    profile: bool = False
 
 
 def _free_memory(device: torch.device) -> None:
@@ -104,6 +109,8 @@ def _time_method(method: Method, problem: Problem, truth: Truth | None, bound_ms
             gh_rel=float(f"{relative_error(problem.hidden.grad, truth.grad_hidden):.4g}"),
             gw_rel=float(f"{relative_error(problem.weight.grad, truth.grad_weight):.4g}"),
         )
+    if settings.profile:
+        out.update(bound_ms=bound_ms, **time_breakdown(forward_backward, problem.clear_grads, settings.device))
     problem.clear_grads()
     return out
 
@@ -125,7 +132,7 @@ def measure_shape(
     ``bench.methods.fused_methods``; none given, the kernel is not measured.
     """
     base = {
-        "bench": "kernel",
+        "bench": "profile" if settings.profile else "kernel",
         "shape": str(shape),
         "tokens": shape.tokens,
         "hidden": shape.hidden,

@@ -52,12 +52,12 @@ def load_results(directory: Path | str = RESULTS_DIR) -> list[Record]:
     return records
 
 
-def newest_ok(records: Iterable[Record], **match: Any) -> dict[tuple, Record]:
-    """The newest successful record per (shape, data, method) among kernel records whose
-    fields equal ``match``; newer files replace older ones."""
+def newest_ok(records: Iterable[Record], bench: str = "kernel", **match: Any) -> dict[tuple, Record]:
+    """The newest successful record per (shape, data, method) among ``bench`` records
+    ('kernel' or 'profile') whose fields equal ``match``; newer files replace older ones."""
     out: dict[tuple, Record] = {}
     for r in records:
-        if r.get("bench") == "kernel" and r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items()):
+        if r.get("bench") == bench and r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items()):
             out[(r["shape"], r["data"], r["method"])] = r
     return out
 

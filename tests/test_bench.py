@@ -21,6 +21,7 @@ from bench.kernels import Refused, guarded
 from bench.measure import measure
 from bench.problems import IGNORE_INDEX, Shape, make_problem, parse_shape
 from bench.records import SCHEMA, json_safe
+from bench.time_breakdown import kernel_kind, time_breakdown
 from bench.truth import float32_truth, relative_error
 from reference.linear_cross_entropy import linear_cross_entropy
 
@@ -107,6 +108,62 @@ def test_smoke_e2e_records(smoke_dir):
         assert fused["status"] == "unavailable"
 
 
+def test_smoke_profile_records(smoke_dir):
+    records = [r for r in report.load_results(smoke_dir) if r["part"] == "profile"]
+    assert {r["bench"] for r in records} == {"profile"}
+    assert {(r["shape"], r["data"]) for r in records} == {("48x32x80", "peaked"), ("40x16x100", "peaked")}
+    assert not any("reused_from" in r for r in records)  # the shapes part's records lack the profile
+    for shape in ("48x32x80", "40x16x100"):
+        got = {r["method"]: r for r in records if r["shape"] == shape}
+        for name in ("torch_eager", "reference_chunked", "fused@default"):
+            r = got[name]
+            assert r["status"] == "ok", r
+            assert r["bound_ms"] == got["cublas_3mm_bound"]["ms"]
+            # On the CPU fused runs the chunked reference: no row kernel; each path makes at
+            # least the three products (the chunked ones one per chunk and product).
+            assert r["gemm_kernels"] >= 3 and r["gemm_ms"] > 0
+            assert r["row_kernels"] == 0 and r["row_kernel_ms"] == 0
+            assert r["other_kernels"] > 0
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "gemm"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off_kernel__5x_cublas", "gemm"),
+        ("cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "gemm"),
+        ("aten::addmm", "gemm"),
+        ("aten::mm", "gemm"),
+        ("logit_statistics_and_gradient_kernel", "row_kernel"),
+        ("logit_statistics_kernel", "row_kernel"),
+        ("logit_gradient_kernel", "row_kernel"),
+        ("scale_unless_one_kernel", "other"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)", "other"),
+        ("aten::mm_backward_helper", "other"),
+        ("aten::add_", "other"),
+        ("liger_cross_entropy_kernel", "other"),
+    ],
+)
+def test_kernel_kind(name, kind):
+    assert kernel_kind(name) == kind
+
+
+def test_time_breakdown_counts_each_cpu_operator_once():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+
+    def run():
+        # matmul calls mm inside it, and addmm's bias add is part of addmm: one product each.
+        c = torch.matmul(a, b)
+        torch.addmm(c, a, b)
+        c.add_(1).relu_()
+
+    cleared = []
+    out = time_breakdown(run, lambda: cleared.append(True), torch.device("cpu"))
+    assert cleared == [True]
+    assert (out["gemm_kernels"], out["row_kernels"], out["other_kernels"]) == (2, 0, 2)
+    assert out["gemm_ms"] > 0 and out["other_ms"] > 0 and out["row_kernel_ms"] == 0
+
+
 def test_time_budget_skips_the_rest(tmp_path):
     assert cli.main(["--smoke", "--out", str(tmp_path), "--parts", "shapes", "--time-budget-s", "1e-9"]) == 0
     (doc,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
@@ -118,7 +175,7 @@ def test_time_budget_skips_the_rest(tmp_path):
 @pytest.mark.parametrize(
     "argv",
     [["--methods", "torch_eager,nope"], ["--shapes", "8x8"], ["--budgets", "32MB"], ["--parts", "all"], ["--chunk-sizes", "0"],
-     ["--chunk-sizes", "64x0"]],
+     ["--chunk-sizes", "64x0"], ["--profile-data", "flat"]],
 )
 def test_bad_arguments_are_refused(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
