@@ -435,3 +435,20 @@ def test_whole_vocabulary_traffic():
     assert whole_vocabulary_traffic(shape, rows=8192).weight_bytes == 0
     with pytest.raises(ValueError, match="rows"):
         whole_vocabulary_traffic(shape, rows=0)
+
+
+def test_exponential_counts():
+    from bench.traffic import H100_SXM, prologue_exponentials, row_pass_exponentials
+
+    shape = problems.Shape(8192, 2304, 256000)
+    logits = 8192 * 256000
+    assert row_pass_exponentials(shape) == 2 * logits
+    # 2304 columns in programs of 256: nine programs load each gradient entry, in each product.
+    assert prologue_exponentials(shape, 256) == logits * (1 + 2 * 9)
+    assert prologue_exponentials(shape, 128) == logits * (1 + 2 * 18)
+    assert prologue_exponentials(Shape(4, 300, 10), 256) == 40 * (1 + 2 * 2)  # a partial block counts
+    # At the special-function units' peak, 10 ms of exponentials against the 5.2 ms row
+    # kernel measured at this shape.
+    assert prologue_exponentials(shape, 256) / H100_SXM["exp_per_s"] == pytest.approx(10.2e-3, rel=0.01)
+    with pytest.raises(ValueError, match="block_d"):
+        prologue_exponentials(shape, 0)
