@@ -14,9 +14,9 @@ launches). On a CPU they are the operators called from Python, which include the
 work, so no idle time can be told apart.
 
 The profile says how long each kernel took, not why. For that, Nsight Compute on the GPU
-machine, e.g. the row kernel of one run::
+machine, e.g. the first launch of the row kernel::
 
-    ncu --kernel-name regex:logit_ --launch-skip 8 --launch-count 1 --set full -o row \\
+    ncu --kernel-name regex:logit_ --launch-count 1 --set full -o row \\
         python -m bench --parts profile --methods fused --budgets default \\
         --shapes 8192x2304x256000 --reps 1 --warmup 1
 """

@@ -250,14 +250,15 @@ def _count(num_items: Tensor | None, num_items_value: float | None) -> Tensor | 
     return num_items if num_items is not None else num_items_value
 
 
-def _denominator(targets: Tensor, options: LossOptions, count: Tensor | float | None) -> Tensor | float:
+def _denominator(p: FlatProblem, options: LossOptions, count: Tensor | float | None) -> Tensor | float:
     """What the summed loss is divided by: every token's loss has gradient ``1 / this``
-    (ignored tokens are masked separately). Tensors are on the targets' device."""
+    (ignored tokens are masked separately). A count given as a tensor stays on the targets'
+    device; the valid count was read on the host with the label check."""
     if count is not None:
-        return count.to(targets.device) if isinstance(count, Tensor) else count
+        return count.to(p.targets.device) if isinstance(count, Tensor) else count
     if options.reduction == "sum":
         return 1.0
-    return (targets != options.ignore_index).sum()
+    return p.valid_tokens
 
 
 def _forward_gradient_scale(p: FlatProblem, options: LossOptions, count: Tensor | float | None) -> float:
@@ -265,14 +266,9 @@ def _forward_gradient_scale(p: FlatProblem, options: LossOptions, count: Tensor 
     holds ``p - onehot``, whose target entries lie next to -1 and 0 and so round to 16 bits
     almost exactly, and the mean's scale is applied in cuBLAS's float32 epilogue. (Scaling
     the tile instead, as eager does, rounds every entry fully: about twice eager's gradient
-    error on flat softmaxes, measured on an H100.) The valid count was read with the label
-    check; a count given as a tensor costs one more host read."""
-    if count is not None:
-        denominator = float(count)
-    elif options.reduction == "sum":
-        denominator = 1.0
-    else:
-        denominator = float(p.valid_tokens)
+    error on flat softmaxes, measured on an H100.) A count given as a tensor costs one more
+    host read."""
+    denominator = float(_denominator(p, options, count))
     if denominator != 0:
         return 1.0 / denominator
     # transformers' edge cases: a count of 0 sends +inf to the valid tokens; with none valid
@@ -390,7 +386,7 @@ def _backward_op(
     elif reduction == "none":
         row_grad = loss_grad.reshape(n)
     else:
-        row_grad = (loss_grad / _denominator(p.targets, options, count)).reshape(-1).expand(n)
+        row_grad = (loss_grad / _denominator(p, options, count)).reshape(-1).expand(n)
     plan = plan_tiles(n, *p.weight.shape, p.hidden.element_size(), chunk_size, vocab_chunk_size)
     out = _run_tiles(
         p,
@@ -429,8 +425,8 @@ def _scale_by_upstream(ctx, grads: list[Tensor], factor: Tensor) -> list[Tensor]
     skips the work when ``factor`` is exactly 1 (``loss.backward()``) without the host
     waiting to find out (``fused.kernels.upstream_scale``). A second backward through a
     retained graph reads on the host whether an earlier one scaled them, and then raises
-    rather than return gradients scaled twice. While traced (``torch.compile``) out of place: a data-dependent
-    branch cannot be traced.
+    rather than return gradients scaled twice. While traced (``torch.compile``) out of place:
+    a data-dependent branch cannot be traced.
     """
     if type(factor) is not Tensor or torch.compiler.is_compiling():
         return [g * factor for g in grads]

@@ -5,8 +5,8 @@ gradient is wanted in the forward pass), a row's ``lse`` is final after one pass
 One program per row then reads the row twice: the pass of ``row_statistics``, which also
 stores the row's statistics and ``lse``, and the pass of ``row_gradient``, which overwrites
 the logits with ``dL/dx`` for an upstream gradient of 1 on valid rows (the mean's scale is
-applied later, in the matmuls' epilogue). One launch instead of two, and the second read of a row
-follows the first closely enough to find part of it still in L2.
+applied later, in the matmuls' epilogue). One launch instead of two, and the second read of
+a row follows the first closely enough to find part of it still in L2.
 """
 
 import triton
