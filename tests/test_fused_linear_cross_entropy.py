@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from fused.linear_cross_entropy import linear_cross_entropy
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
-from reference.linear_cross_entropy import LossOptions, transform_logits
+from reference.linear_cross_entropy import LabelCheck, LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
 from loss_tolerances import forward_atols
@@ -355,6 +355,33 @@ def test_bad_inputs(name):
     kwargs = {"backend": "triton", **kwargs}
     with pytest.raises(error, match=message):
         linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("labels"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"vocab_chunk_size": 32}, {"reduction": "none"}, {"return_lse": True}, {"shift": True}],
+    ids=["one_launch", "vocab_blocks", "none", "lse", "shift"],
+)
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_bad_label_raises_whether_or_not_gradients_are_wanted(kwargs, grad):
+    # The op reads the labels' check late (after queuing work); every path must still read it.
+    hidden, weight, _, labels = make_problem(seed=21, requires_grad=grad)
+    labels[7] = V + 4
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {V}\) or equal ignore_index=-100; found {V + 4}"):
+        triton_path(hidden, weight, labels, **kwargs)
+
+
+def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monkeypatch):
+    # The labels' operations and the check's read cost host time, and the read waits for the
+    # device: done first, they would leave the GPU idle before the first product.
+    events = []
+    logits_tile, check_init, read = fused_module._logits_tile, LabelCheck.__init__, LabelCheck.read
+    monkeypatch.setattr(fused_module, "_logits_tile", lambda *a: events.append("logits") or logits_tile(*a))
+    monkeypatch.setattr(LabelCheck, "__init__", lambda self, *a: events.append("check") or check_init(self, *a))
+    monkeypatch.setattr(LabelCheck, "read", lambda self: events.append("read") or read(self))
+    hidden, weight, _, labels = make_problem(seed=22)
+    triton_path(hidden, weight, labels).backward()
+    assert events[:3] == ["logits", "check", "read"], events
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):

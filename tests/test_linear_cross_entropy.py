@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from reference.linear_cross_entropy import LossOptions, linear_cross_entropy
+from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, prepare_inputs
 
 IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
@@ -290,6 +290,23 @@ def test_bad_inputs(changes, error, message):
     hidden, weight, labels = changes.pop("hidden", H), changes.pop("weight", W), changes.pop("labels", L)
     with pytest.raises(error, match=message):
         linear_cross_entropy(hidden, weight, labels, **changes)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_deferred_label_check_raises_when_read(shift):
+    labels = L.clone()
+    labels[1, 0] = -100
+    p = prepare_inputs(H, W, labels, None, LossOptions(), shift=shift, defer_label_check=True)
+    # Unshifted, 10 labels less the ignored one; shifted, each row's first label (the ignored
+    # one among them) is no target and its last target is ignored: 2 * 4.
+    assert p.valid_tokens == (8 if shift else 9) and p.label_check.read() == p.valid_tokens
+    labels[0, 0] = 12  # a first label: not a target after the shift, still checked
+    p = prepare_inputs(H, W, labels, None, LossOptions(), shift=shift, defer_label_check=True)
+    for _ in range(2):  # every read raises, not only the first
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
+            p.valid_tokens
+    with pytest.raises(ValueError, match="found 12"):
+        prepare_inputs(H, W, labels, None, LossOptions(), shift=shift)
 
 
 def test_options_are_validated_on_their_own():
