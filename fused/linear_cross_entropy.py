@@ -52,7 +52,9 @@ a second backward through a retained graph raises if an earlier one's was not 1.
 No double backward. Under ``torch.compile`` the op is one graph node
 (``fused::linear_cross_entropy``, and ``fused::linear_cross_entropy_backward`` for the
 recomputation: ``torch.library`` custom ops with fake and autograd registrations); the
-compiled backward scales out of place, holding the gradients twice for a moment.
+compiled backward scales out of place, holding the gradients twice for a moment. Eager
+calls on plain tensors run the same forward and backward as a ``torch.autograd.Function``,
+without the dispatcher's host time.
 """
 
 from __future__ import annotations
@@ -160,12 +162,16 @@ def _run_tiles(
     hidden, weight, bias = p.hidden, p.weight, p.bias
     (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
     want_hidden, want_weight, want_bias = wanted
+    blocks = [slice(start, min(start + plan.cols, vocab)) for start in range(0, vocab, plan.cols)]
+    # A tile spanning the vocabulary, in a forward that wants gradients, takes statistics and
+    # gradient in one launch; the losses then follow for all rows at once, after the loop.
+    one_launch = lse is None and len(blocks) == 1 and any(wanted) and loss_grad is None and lse_grad is None
     losses = None
     if lse is None:
-        stats = RowStatistics(n, compute_dtype, device, sum_logits=options.label_smoothing > 0)
+        sum_logits = options.label_smoothing > 0
+        stats = RowStatistics(n, compute_dtype, device, sum_logits=sum_logits, overwritten=one_launch)
         losses = torch.empty(n, dtype=compute_dtype, device=device)
         lse = torch.empty(n, dtype=compute_dtype, device=device)
-    blocks = [slice(start, min(start + plan.cols, vocab)) for start in range(0, vocab, plan.cols)]
     tile = torch.empty(plan.rows * plan.cols, dtype=hidden.dtype, device=device)
     grad_hidden = torch.empty(n, d, dtype=hidden.dtype, device=device) if want_hidden else None
     grad_weight = torch.empty(vocab, d, dtype=weight.dtype, device=device) if want_weight else None
@@ -179,9 +185,6 @@ def _run_tiles(
     if want_hidden and len(blocks) > 1 and hidden.dtype.itemsize < 4:
         acc = torch.empty(plan.rows, d, dtype=torch.float32, device=device)
 
-    # A tile spanning the vocabulary, in a forward that wants gradients, takes statistics and
-    # gradient in one launch; the losses then follow for all rows at once, after the loop.
-    one_launch = losses is not None and len(blocks) == 1 and any(wanted) and loss_grad is None and lse_grad is None
     scale = None
     for start in range(0, n, plan.rows):
         rows = slice(start, min(start + plan.rows, n))
@@ -301,8 +304,7 @@ def _empty_unless(t: Tensor | None, like: Tensor) -> Tensor:
 # The custom ops.
 
 
-@torch.library.custom_op("fused::linear_cross_entropy", mutates_args=())
-def _forward_op(
+def _forward(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -344,6 +346,9 @@ def _forward_op(
         _empty_unless(out.weight, hidden),
         _empty_unless(out.bias, hidden),
     )
+
+
+_forward_op = torch.library.custom_op("fused::linear_cross_entropy", _forward, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -502,6 +507,32 @@ def _backward(ctx, loss_grad, lse_grad, *_):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerForward(torch.autograd.Function):
+    """``_forward_op`` and its autograd without the dispatcher, for eager calls on plain
+    tensors. The custom op's dispatch cost about as much host time as the whole forward up
+    to its first product, and that host time is time the device sits idle when nothing
+    else is queued ahead of the loss."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        # ctx in forward, rather than a setup_context: with one, apply() binds the 19
+        # arguments to forward's signature through inspect on every call.
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _needs_dispatcher(*tensors: Tensor | None) -> bool:
+    """Whether a call must go through the custom op: while ``torch.compile`` traces it, and
+    for tensor subclasses other than parameters (a tracer's fake tensors, DTensor), which
+    the dispatcher routes to their own handling."""
+    return torch.compiler.is_compiling() or any(
+        t is not None and type(t) is not Tensor and type(t) is not torch.nn.Parameter for t in tensors
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # The public function.
 
@@ -600,9 +631,11 @@ def linear_cross_entropy(
 
     grads_in_forward = reduction != "none" and not return_lse and torch.is_grad_enabled()
     flags = [grads_in_forward and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, lse, *_ = _forward_op(
+    count_tensor = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
+    forward = _forward_op if _needs_dispatcher(hidden, weight, labels, bias, count_tensor) else _EagerForward.apply
+    loss, lse, *_ = forward(
         hidden, weight, labels, bias,
-        num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None,
+        count_tensor,
         float(num_items_in_batch) if count_is_number else None,
         ignore_index, bool(shift), reduction, float(label_smoothing),
         None if softcap is None else float(softcap),

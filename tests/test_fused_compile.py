@@ -1,9 +1,10 @@
 """fused.linear_cross_entropy as a torch.library custom op: torch.compile without graph breaks,
 opcheck (schema, fake tensors, autograd registration), and float64 gradcheck.
 
-Triton path, kernels in the interpreter without CUDA. Compiled and eager calls run the same
-kernels on the same inputs: losses agree to rtol 1e-6 (inductor may sum a 'none' loss in
-another order), gradients exactly.
+Eager calls on plain tensors skip the dispatcher (the same functions in a
+torch.autograd.Function). Triton path, kernels in the interpreter without CUDA. Compiled and
+eager calls run the same kernels on the same inputs: losses agree to rtol 1e-6 (inductor may
+sum a 'none' loss in another order), gradients exactly.
 """
 
 from __future__ import annotations
@@ -61,6 +62,24 @@ def test_compile_fullgraph(name):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
     for a, b in zip(results[0][1:], results[1][1:]):
         assert torch.equal(a, b)
+
+
+def test_eager_calls_on_plain_tensors_skip_the_dispatcher(monkeypatch):
+    # Same functions either way (test_compile_fullgraph compares the two routes); eager calls
+    # on tensors and parameters go around the custom op, tracers' tensors through it.
+    hidden, weight, bias, labels = problem()
+    weight = torch.nn.Parameter(weight.detach())
+
+    def dispatched(*args):
+        raise AssertionError("an eager call on plain tensors went through the dispatcher")
+
+    monkeypatch.setattr(fused_module, "_forward_op", dispatched)
+    linear_cross_entropy(hidden, weight, labels, bias=bias, backend="triton").backward()
+    assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake = torch.empty(3)
+    assert fused_module._needs_dispatcher(fake, None)
+    assert not fused_module._needs_dispatcher(hidden, weight, labels, None)
 
 
 def _forward_args(hidden, weight, bias, labels, *, reduction="mean", count=None, grads=(True, True, True), **options):

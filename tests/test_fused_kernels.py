@@ -134,7 +134,9 @@ def test_statistics_and_gradient_in_one_launch(name, vocab):
     rows = slice(2, 7)  # a row chunk in the middle of the tokens
     separate = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
     accumulate_logit_statistics(logits[rows].contiguous(), 0, targets, separate, rows, options)
-    stats = RowStatistics(7, torch.float32, logits.device, sum_logits=True)
+    stats = RowStatistics(7, torch.float32, logits.device, sum_logits=True, overwritten=True)
+    for t in stats.rows(slice(0, 7)):
+        t.fill_(float("nan"))  # uninitialised: the kernel must write them, never read them
     lse = torch.full((7,), -1.0)
     tile = logits[rows].clone()
     write_statistics_and_gradient(tile, targets, stats, lse, rows, options)

@@ -93,16 +93,24 @@ def logit_statistics_kernel(
 class RowStatistics:
     """The running statistics of ``n`` rows, in ``dtype`` (float32 or float64).
 
-    ``max`` starts at -inf and the sums at 0, so the first block needs no special case.
-    ``logit_sum`` is kept only if ``sum_logits`` (label smoothing needs it).
+    ``max`` starts at -inf and the sums at 0, so the first block needs no special case;
+    with ``overwritten`` they start uninitialised, for a kernel that writes every row's
+    statistics without reading them (``logit_statistics_and_gradient``): four fewer launches
+    ahead of the first product. ``logit_sum`` is kept only if ``sum_logits`` (label smoothing
+    needs it).
     """
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, sum_logits: bool) -> None:
+    def __init__(
+        self, n: int, dtype: torch.dtype, device: torch.device, sum_logits: bool, *, overwritten: bool = False
+    ) -> None:
         self.sum_logits = sum_logits
-        self.max = torch.full((n,), float("-inf"), dtype=dtype, device=device)
-        self.sumexp = torch.zeros(n, dtype=dtype, device=device)
-        self.target_logit = torch.zeros(n, dtype=dtype, device=device)
-        self.logit_sum = torch.zeros(n if sum_logits else 1, dtype=dtype, device=device)
+        sums = torch.empty if overwritten else torch.zeros
+        self.max = torch.empty(n, dtype=dtype, device=device) if overwritten else torch.full(
+            (n,), float("-inf"), dtype=dtype, device=device
+        )
+        self.sumexp = sums(n, dtype=dtype, device=device)
+        self.target_logit = sums(n, dtype=dtype, device=device)
+        self.logit_sum = sums(n if sum_logits else 1, dtype=dtype, device=device)
 
     def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views of ``(max, sumexp, target_logit, logit_sum)`` on ``rows``, for a kernel's
