@@ -32,6 +32,14 @@ def test_plan_prefers_whole_vocabulary_tiles():
     assert plan_for_budget(4096, 32000, 4096, 2, 512 * MiB) == TilePlan(rows=4096, cols=32000)
 
 
+def test_plan_prefers_vocabulary_blocks_of_at_least_vocabulary_block_columns():
+    # 2048 x 3520 tiles would fit too; 1024 x 11136 ran faster on an H100 (launch.py).
+    assert plan_for_budget(8192, 128256, 2048, 2, 30 * MiB) == TilePlan(rows=1024, cols=11136)
+    # No room for VOCABULARY_BLOCK columns at MIN_WHOLE_VOCABULARY_ROWS rows: the most rows
+    # that leave room for MIN_BUDGET_COLS.
+    assert plan_for_budget(8192, 128256, 2048, 2, 4 * MiB) == TilePlan(rows=256, cols=3584)
+
+
 def test_too_small_budget_names_the_minimum():
     with pytest.raises(ValueError, match=r"memory_budget=1000 bytes is too small .* at least \d+ bytes"):
         plan_for_budget(4096, 32000, 4096, 2, 1000)
