@@ -28,6 +28,9 @@ and ``r = rows``, ``c = cols`` of the tile plan (``s' = 4``, 8 for ``compute_dty
   + V * s'        (bias grad)     grad_bias summed in float32
   + about 6 * N * s' + 8 * N      per-token statistics, lse, losses, int64 targets
 
+and on CUDA up to 1 MiB more for each buffer above 1 MiB (the caching allocator's blocks);
+``memory_budget`` plans count that too (``fused.kernels.launch.held_bytes``).
+
 By default the plan is the fastest that fits in 512 MiB beyond the per-token statistics
 (``fused.kernels.launch.plan_tiles``): whole-vocabulary tiles of ``512 MiB / (V * s)`` rows
 (up to 16384) when at least 512 rows fit, so the extra memory never grows with ``N * V``.

@@ -102,6 +102,24 @@ MIN_BUDGET_COLS = 2048
 # 93.8 ms for 2048 x 3008 at 8192 x 2304 x 256000; at Liger's 64 and 126 MiB, 2048 x 12224 and
 # 4096 x 11456 in 30.1 and 66.6 ms against 32.2 and 69.4 ms for 4096 x 4032 and 8192 x 3392.
 
+# Whole-vocabulary tiles of 384 rows (three of cuBLAS's 128-row tiles) when 512 do not fit:
+# H100, bf16, fwd+bwd at 384 x V against the vocabulary blocks of the same budget: 7.2 against
+# 7.8-10.9 ms at 4096 x 4096 x 32000, 123 against 133 ms at 16384 x 4096 x 151936.
+FEW_WHOLE_VOCABULARY_ROWS = 384
+# The CUDA caching allocator serves a request of more than 1 MiB from a block up to 1 MiB
+# larger (a remainder of 1 MiB or less is not split off), and peak memory counts the block.
+ALLOCATOR_SLACK = 2**20
+
+
+def held_bytes(nbytes: int) -> int:
+    """The most memory a buffer of ``nbytes`` can hold in the CUDA caching allocator."""
+    return nbytes + ALLOCATOR_SLACK if nbytes > ALLOCATOR_SLACK else nbytes
+
+
+def _largest_request(room: int) -> int:
+    """The largest request whose ``held_bytes`` fit in ``room`` bytes."""
+    return room - ALLOCATOR_SLACK if room > 2 * ALLOCATOR_SLACK else min(room, ALLOCATOR_SLACK)
+
 
 def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, budget_bytes: int) -> TilePlan:
     """The fastest tile whose extra memory fits in ``budget_bytes``.
@@ -109,27 +127,31 @@ def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, bud
     Extra memory of a plan (module docstring of ``fused.linear_cross_entropy``): the tile,
     ``rows * cols * itemsize``; the float32 ``grad_hidden`` accumulator of a row chunk,
     ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
-    16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics. More rows means fewer re-reads of the
-    weight, so the plan takes whole-vocabulary tiles if at least
-    ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (``chunk_rows`` of them), else the most rows (a
+    16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics; each buffer counted as the allocator
+    holds it (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
+    takes whole-vocabulary tiles if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit
+    (``chunk_rows`` of them) or else ``FEW_WHOLE_VOCABULARY_ROWS``; else the most rows (a
     power of two) that leave room for ``VOCABULARY_BLOCK`` columns, if that is at least
     ``MIN_WHOLE_VOCABULARY_ROWS`` rows, else the most that leave room for ``MIN_BUDGET_COLS``.
     Raises ``ValueError`` if no plan fits.
     """
     room = budget_bytes - PER_TOKEN_BYTES * n_rows
-    whole_rows = room // (vocab * itemsize)
+    whole_rows = _largest_request(room) // (vocab * itemsize)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
         return TilePlan(rows=chunk_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
+    if whole_rows >= FEW_WHOLE_VOCABULARY_ROWS:
+        return TilePlan(rows=FEW_WHOLE_VOCABULARY_ROWS, cols=vocab)
     accumulator = hidden_dim * 4 if itemsize < 4 else 0
     for min_cols, min_rows in ((VOCABULARY_BLOCK, min(n_rows, MIN_WHOLE_VOCABULARY_ROWS)), (MIN_BUDGET_COLS, 1)):
         rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
         while rows >= min_rows:
             r = min(rows, n_rows)
-            cols = (room - r * accumulator) // (r * itemsize) // COLUMN_ALIGNMENT * COLUMN_ALIGNMENT
+            tile_room = _largest_request(room - held_bytes(r * accumulator))
+            cols = tile_room // (r * itemsize) // COLUMN_ALIGNMENT * COLUMN_ALIGNMENT
             if cols >= min(vocab, min_cols):
                 return TilePlan(rows=r, cols=min(vocab, cols))
             rows //= 2
-    needed = PER_TOKEN_BYTES * n_rows + accumulator + min(vocab, MIN_BUDGET_COLS) * itemsize
+    needed = PER_TOKEN_BYTES * n_rows + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
     raise ValueError(
         f"memory_budget={budget_bytes} bytes is too small for {n_rows} tokens, a vocabulary of {vocab} and "
         f"hidden size {hidden_dim}: at least {needed} bytes are needed"
