@@ -6,8 +6,7 @@ import torch
 
 import fused
 from fused.kernels.launch import (
-    ALLOCATOR_SLACK, FEW_WHOLE_VOCABULARY_ROWS, MIN_BUDGET_COLS, MIN_WHOLE_VOCABULARY_ROWS, PER_TOKEN_BYTES,
-    TilePlan, plan_for_budget,
+    FEW_WHOLE_VOCABULARY_ROWS, MIN_BUDGET_COLS, PER_TOKEN_BYTES, TilePlan, held_bytes, plan_for_budget,
 )
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
@@ -16,10 +15,8 @@ MiB = 2**20
 
 
 def _extra_bytes(plan: TilePlan, n_rows: int, vocab: int, hidden_dim: int, itemsize: int) -> int:
-    # Each buffer above 1 MiB may sit in a block up to 1 MiB larger (CUDA caching allocator).
     accumulator = plan.rows * hidden_dim * 4 if plan.cols < vocab and itemsize < 4 else 0
-    held = [b + ALLOCATOR_SLACK if b > ALLOCATOR_SLACK else b for b in (plan.rows * plan.cols * itemsize, accumulator)]
-    return sum(held) + PER_TOKEN_BYTES * n_rows
+    return held_bytes(plan.rows * plan.cols * itemsize) + held_bytes(accumulator) + PER_TOKEN_BYTES * n_rows
 
 
 @pytest.mark.parametrize("n,d,v", [(8192, 2048, 128256), (8192, 2304, 256000), (16384, 4096, 151936), (4096, 4096, 32000)])
@@ -29,7 +26,8 @@ def test_plan_fits_the_budget(n, d, v, budget):
     assert _extra_bytes(plan, n, v, d, 2) <= budget
     assert 1 <= plan.rows <= n and min(v, MIN_BUDGET_COLS) <= plan.cols <= v
     if plan.cols < v:  # whole-vocabulary tiles were not affordable with enough rows
-        assert (budget - PER_TOKEN_BYTES * n) // (v * 2) < min(n, FEW_WHOLE_VOCABULARY_ROWS)
+        rows = min(n, FEW_WHOLE_VOCABULARY_ROWS)
+        assert held_bytes(rows * v * 2) + PER_TOKEN_BYTES * n > budget
 
 
 def test_plan_prefers_whole_vocabulary_tiles():

@@ -94,14 +94,6 @@ PER_TOKEN_BYTES = 32
 MIN_WHOLE_VOCABULARY_ROWS = 512
 # Vocabulary blocks narrower than this leave cuBLAS little to work with.
 MIN_BUDGET_COLS = 2048
-# Below whole-vocabulary tiles, a plan takes blocks at least VOCABULARY_BLOCK wide while that
-# leaves it MIN_WHOLE_VOCABULARY_ROWS rows: each block costs a read and write of the float32
-# grad_hidden accumulator and launches of its own (six per tile, host time the device waits
-# for at small tiles). H100, bf16, fwd+bwd: at 30 MiB, 1024 x 11136 tiles ran in 32.4 ms
-# against 34.0 ms for 2048 x 3520 at 8192 x 2048 x 128256, 1024 x 10624 in 72.2 ms against
-# 93.8 ms for 2048 x 3008 at 8192 x 2304 x 256000; at Liger's 64 and 126 MiB, 2048 x 12224 and
-# 4096 x 11456 in 30.1 and 66.6 ms against 32.2 and 69.4 ms for 4096 x 4032 and 8192 x 3392.
-
 # Whole-vocabulary tiles of 384 rows (three of cuBLAS's 128-row tiles) when 512 do not fit:
 # H100, bf16, fwd+bwd at 384 x V against the vocabulary blocks of the same budget: 7.2 against
 # 7.8-10.9 ms at 4096 x 4096 x 32000, 123 against 133 ms at 16384 x 4096 x 151936.
@@ -142,6 +134,13 @@ def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, bud
     if whole_rows >= FEW_WHOLE_VOCABULARY_ROWS:
         return TilePlan(rows=FEW_WHOLE_VOCABULARY_ROWS, cols=vocab)
     accumulator = hidden_dim * 4 if itemsize < 4 else 0
+    # Blocks at least VOCABULARY_BLOCK wide while MIN_WHOLE_VOCABULARY_ROWS rows remain: each
+    # block costs a read and write of the float32 grad_hidden accumulator and six launches of
+    # its own, host time the device waits for at small tiles. H100, bf16, fwd+bwd: at 30 MiB,
+    # 1024 x 11136 tiles ran in 32.4 ms against 34.0 ms for 2048 x 3520 at 8192 x 2048 x
+    # 128256, 1024 x 10624 in 72.2 ms against 93.8 ms for 2048 x 3008 at 8192 x 2304 x 256000;
+    # at Liger's 64 and 126 MiB, 2048 x 12224 and 4096 x 11456 in 30.1 and 66.6 ms against 32.2
+    # and 69.4 ms for 4096 x 4032 and 8192 x 3392.
     for min_cols, min_rows in ((VOCABULARY_BLOCK, min(n_rows, MIN_WHOLE_VOCABULARY_ROWS)), (MIN_BUDGET_COLS, 1)):
         rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
         while rows >= min_rows:

@@ -104,13 +104,16 @@ class RowStatistics:
         self, n: int, dtype: torch.dtype, device: torch.device, sum_logits: bool, *, overwritten: bool = False
     ) -> None:
         self.sum_logits = sum_logits
-        sums = torch.empty if overwritten else torch.zeros
-        self.max = torch.empty(n, dtype=dtype, device=device) if overwritten else torch.full(
-            (n,), float("-inf"), dtype=dtype, device=device
-        )
-        self.sumexp = sums(n, dtype=dtype, device=device)
-        self.target_logit = sums(n, dtype=dtype, device=device)
-        self.logit_sum = sums(n if sum_logits else 1, dtype=dtype, device=device)
+
+        def start(size: int, value: float) -> Tensor:
+            if overwritten:
+                return torch.empty(size, dtype=dtype, device=device)
+            return torch.full((size,), value, dtype=dtype, device=device)
+
+        self.max = start(n, float("-inf"))
+        self.sumexp = start(n, 0.0)
+        self.target_logit = start(n, 0.0)
+        self.logit_sum = start(n if sum_logits else 1, 0.0)
 
     def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views of ``(max, sumexp, target_logit, logit_sum)`` on ``rows``, for a kernel's
