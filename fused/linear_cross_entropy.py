@@ -26,7 +26,7 @@ and ``r = rows``, ``c = cols`` of the tile plan (``s' = 4``, 8 for ``compute_dty
     r * c * s                     one tile of logits / gradient of logits
   + r * D * 4     (c < V, s < 4)  the float32 sum of a row chunk's grad_hidden over blocks
   + V * s'        (bias grad)     grad_bias summed in float32
-  + about 6 * N * s' + 8 * N      per-token statistics, lse, losses, int64 targets
+  + 7 * N * s' + 9 * N + 8 KiB   per-token statistics, lse, losses, int64 targets, a temporary
 
 and on CUDA up to 1 MiB more for each buffer above 1 MiB (the caching allocator's blocks);
 ``memory_budget`` plans count that too (``fused.kernels.launch.held_bytes``).
@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from fused.kernels.launch import PER_TOKEN_BYTES, TilePlan, plan_for_budget, plan_tiles
+from fused.kernels.launch import TilePlan, plan_for_budget, plan_tiles, statistics_bytes
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics, logit_statistics_kernel
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
@@ -103,20 +103,21 @@ def _finish_statistics(
     *, lse_known: bool = False,
 ) -> None:
     """Write the per-token losses of ``rows`` from their final statistics, and their ``lse``
-    unless a kernel wrote it already (``lse_known``)."""
-    if lse_known:
-        row_lse = lse[rows]
-    else:
-        row_lse = stats.max[rows] + torch.log(stats.sumexp[rows])
-        lse[rows] = row_lse
-    loss = row_lse - stats.target_logit[rows]
+    unless a kernel wrote it already (``lse_known``). In place, so that the tile's memory
+    plan needs room for at most one temporary per token (``fused.kernels.launch.statistics_bytes``)."""
+    row_lse = lse[rows]
+    if not lse_known:
+        torch.log(stats.sumexp[rows], out=row_lse).add_(stats.max[rows])
+    loss = torch.sub(row_lse, stats.target_logit[rows], out=losses[rows])
     if options.label_smoothing:
         eps = options.label_smoothing
-        loss = (1 - eps) * loss + eps * (row_lse - stats.logit_sum[rows] / p.weight.shape[0])
+        mean_logit_loss = torch.div(stats.logit_sum[rows], p.weight.shape[0])
+        mean_logit_loss.neg_().add_(row_lse).mul_(eps)
+        loss.mul_(1 - eps).add_(mean_logit_loss)
+        del mean_logit_loss  # one temporary at a time
     if options.z_loss:
-        loss = loss + options.z_loss * row_lse.square()
-    valid = p.targets[rows] != options.ignore_index
-    losses[rows] = torch.where(valid, loss, torch.zeros_like(loss))
+        loss.add_(row_lse.square().mul_(options.z_loss))
+    loss.masked_fill_(p.targets[rows] == options.ignore_index, 0.0)
 
 
 def _targets(p: FlatProblem) -> Tensor:
@@ -166,9 +167,12 @@ def _run_tiles(
     (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
     want_hidden, want_weight, want_bias = wanted
     blocks = [slice(start, min(start + plan.cols, vocab)) for start in range(0, vocab, plan.cols)]
-    # A tile spanning the vocabulary, in a forward that wants gradients, takes statistics and
-    # gradient in one launch; the losses then follow for all rows at once, after the loop.
-    one_launch = lse is None and len(blocks) == 1 and any(wanted) and loss_grad is None and lse_grad is None
+    # A forward that computes the gradients needs no lse of ignored rows (their loss is
+    # masked, their gradient 0, their lse not returned), so the kernels skip their logits.
+    # With a tile spanning the vocabulary it takes statistics and gradient in one launch;
+    # the losses then follow for all rows at once, after the loop.
+    grads_here = lse is None and any(wanted) and loss_grad is None and lse_grad is None
+    one_launch = grads_here and len(blocks) == 1
     losses = None
     if lse is None:
         sum_logits = options.label_smoothing > 0
@@ -199,7 +203,9 @@ def _run_tiles(
         elif losses is not None:
             for cols in blocks:
                 logits = _logits_tile(tile, h, weight, bias, cols)
-                accumulate_logit_statistics(logits, cols.start, _targets(p), stats, rows, options)
+                accumulate_logit_statistics(
+                    logits, cols.start, _targets(p), stats, rows, options, skip_ignored=grads_here
+                )
             _finish_statistics(stats, p, rows, options, losses, lse)
         if not any(wanted):
             continue
@@ -330,7 +336,9 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, lse, grad_hidden, grad_weight, grad_bias)``: the reduced loss as the contract
     returns it, ``lse`` shaped like ``labels``, and the gradients of the loss flagged
-    ``grad_*`` (computed here, only for a scalar loss; empty otherwise)."""
+    ``grad_*`` (computed here, only for a scalar loss; empty otherwise). When gradients are
+    computed here, ignored rows are skipped and their ``lse`` is -inf: the public function
+    then does not return it."""
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
     count = _count(num_items, num_items_value)
     p = _flat_problem(hidden, weight, labels, bias, options, shift, count)
@@ -592,6 +600,8 @@ def linear_cross_entropy(
     check_size("chunk_size", chunk_size)
     check_size("vocab_chunk_size", vocab_chunk_size)
     check_size("memory_budget", memory_budget)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
     if memory_budget is not None:
         if chunk_size is not None or vocab_chunk_size is not None:
             raise ValueError("memory_budget chooses chunk_size and vocab_chunk_size; pass either it or them")
@@ -599,12 +609,13 @@ def linear_cross_entropy(
             n_rows, vocab = hidden.numel() // max(1, hidden.shape[-1]), weight.shape[0]
             if backend == "reference" or (backend == "auto" and not hidden.is_cuda):
                 # The chunked reference holds about two float32 chunks of logits at once.
-                chunk_size = max(1, (memory_budget - PER_TOKEN_BYTES * n_rows) // (2 * 4 * vocab))
+                chunk_size = max(1, (memory_budget - statistics_bytes(n_rows)) // (2 * 4 * vocab))
             else:
-                plan = plan_for_budget(n_rows, vocab, weight.shape[1], hidden.element_size(), memory_budget)
+                plan = plan_for_budget(
+                    n_rows, vocab, weight.shape[1], hidden.element_size(), memory_budget,
+                    compute_itemsize=compute_dtype.itemsize,
+                )
                 chunk_size, vocab_chunk_size = plan.rows, plan.cols
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -21,13 +21,13 @@ from fused.kernels.launch import (
     DEFAULT_MEMORY_BUDGET,
     FULL_VOCABULARY_TILE_BYTES,
     MAX_CHUNK_ROWS,
-    PER_TOKEN_BYTES,
     VOCABULARY_BLOCK,
     TilePlan,
     chunk_rows,
     plan_for_budget,
     plan_tiles,
     row_kernel_launch,
+    statistics_bytes,
 )
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
@@ -150,6 +150,43 @@ def test_statistics_and_gradient_in_one_launch(name, vocab):
     torch.testing.assert_close(tile, expected[rows], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("kernel", ["one_launch", "gradient", "statistics"])
+def test_ignored_rows_are_skipped_where_nothing_needs_them(kernel):
+    # An ignored row's logits are never read when its gradient is 0 and its lse unused: NaN
+    # logits there would show in its gradient (zeros), its statistics (those of a row with no
+    # logits) or its lse (-inf). The other rows are unchanged by the skip.
+    options = TRANSFORMS["scale_and_cap"]
+    logits, targets = tile_problem()
+    ignored = targets == -100
+    logits[ignored] = float("nan")
+    rows = slice(0, logits.shape[0])
+    stats = RowStatistics(logits.shape[0], torch.float32, logits.device, sum_logits=True)
+    clean = RowStatistics(logits.shape[0], torch.float32, logits.device, sum_logits=True)
+    accumulate_logit_statistics(logits, 0, targets, clean, rows, options)
+    tile = logits.clone()
+    if kernel == "one_launch":
+        for t in stats.rows(rows):
+            t.fill_(float("nan"))
+        lse = torch.full((logits.shape[0],), float("nan"))
+        write_statistics_and_gradient(tile, targets, stats, lse, rows, options)
+        assert lse[ignored].eq(-math.inf).all()
+        assert tile[ignored].eq(0).all() and not tile[~ignored].isnan().any()
+    elif kernel == "gradient":
+        lse = clean.max + torch.log(clean.sumexp)
+        lse[ignored] = float("nan")
+        write_logit_gradient(tile, 0, targets, lse, torch.randn(logits.shape[0]), None, rows, logits.shape[1], options)
+        assert tile[ignored].eq(0).all() and not tile[~ignored].isnan().any()
+        return
+    else:
+        accumulate_logit_statistics(logits, 0, targets, stats, rows, options, skip_ignored=True)
+    max_, sumexp, target_logit, logit_sum = stats.rows(rows)
+    assert max_[ignored].eq(-math.inf).all()
+    for t in (sumexp, target_logit, logit_sum):
+        assert t[ignored].eq(0).all()
+    for got, want in zip(stats.rows(rows), clean.rows(rows)):
+        torch.testing.assert_close(got[~ignored], want[~ignored], rtol=0, atol=0)
+
+
 def test_statistics_lanes_rescale_when_the_max_moves_late():
     # Within a lane the max grows block after block (an increasing row), and one lane only
     # ever sees masked columns: the lanes' sums must still merge into logsumexp exactly.
@@ -185,7 +222,7 @@ def test_tanh_and_slope_accuracy():
 
 def test_default_plan_is_the_default_budget_plan():
     for n, v, d in [(37, 101, 16), (8192, 128256, 2048), (16384, 256000, 2304), (10**6, 1000, 64)]:
-        budget = DEFAULT_MEMORY_BUDGET + PER_TOKEN_BYTES * n
+        budget = DEFAULT_MEMORY_BUDGET + statistics_bytes(n)
         assert plan_tiles(n, v, d, 2, None, None) == plan_for_budget(n, v, d, 2, budget)
     assert plan_tiles(37, 101, 16, 4, None, None) == TilePlan(rows=37, cols=101)
     # 512 MiB of bf16 logits hold 2093 rows of 128256: four chunks of 2048 of 8192 tokens.

@@ -69,7 +69,7 @@ def plan_tiles(
     entries) override it; each is capped by the problem's own size.
     """
     if chunk_size is None and vocab_chunk_size is None:
-        budget = DEFAULT_MEMORY_BUDGET + PER_TOKEN_BYTES * n_rows
+        budget = DEFAULT_MEMORY_BUDGET + statistics_bytes(n_rows)
         return plan_for_budget(n_rows, vocab, hidden_dim, itemsize, budget)
     rows = min(n_rows, chunk_size or MAX_CHUNK_ROWS)
     if vocab_chunk_size is not None:
@@ -83,9 +83,17 @@ def plan_tiles(
     return TilePlan(rows=rows, cols=cols)
 
 
-# A memory budget pays first for what every plan holds: the per-token statistics (float32
-# max, sum, target logit, logit sum, lse, loss, and the int64 target: about 32 bytes a token).
-PER_TOKEN_BYTES = 32
+def statistics_bytes(n_rows: int, compute_itemsize: int = 4) -> int:
+    """The most memory a forward over ``n_rows`` tokens holds beside its tile, with
+    statistics of ``compute_itemsize`` bytes (4: float32). Per token: running max, sum of
+    exponentials, target logit and logit sum, lse and loss, the int64 targets (of shifted
+    labels), and while the losses are finished one more temporary and a boolean mask: 37
+    bytes in float32. Besides, a few tensors of a handful of elements (the label check's),
+    and on CUDA every tensor's block is rounded up to a multiple of 512 bytes. A memory
+    budget pays for these first."""
+    return (7 * compute_itemsize + 8 + 1) * n_rows + 16 * 512
+
+
 # Whole-vocabulary tiles (three matmuls, no recomputation) are worth it once this many tokens
 # fit in one; below it the weight and its gradient are re-read and re-written too often and
 # vocabulary blocks are faster. H100, bf16, at the four default shapes: 512-row tiles ran at
@@ -113,21 +121,25 @@ def _largest_request(room: int) -> int:
     return room - ALLOCATOR_SLACK if room > 2 * ALLOCATOR_SLACK else min(room, ALLOCATOR_SLACK)
 
 
-def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, budget_bytes: int) -> TilePlan:
+def plan_for_budget(
+    n_rows: int, vocab: int, hidden_dim: int, itemsize: int, budget_bytes: int, *, compute_itemsize: int = 4
+) -> TilePlan:
     """The fastest tile whose extra memory fits in ``budget_bytes``.
 
     Extra memory of a plan (module docstring of ``fused.linear_cross_entropy``): the tile,
     ``rows * cols * itemsize``; the float32 ``grad_hidden`` accumulator of a row chunk,
     ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
-    16-bit; ``PER_TOKEN_BYTES * n_rows`` of statistics; each buffer counted as the allocator
-    holds it (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
+    16-bit; ``statistics_bytes(n_rows, compute_itemsize)`` of statistics (``compute_itemsize``:
+    the bytes of ``compute_dtype``); each buffer counted as the allocator holds it
+    (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
     takes whole-vocabulary tiles if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit
     (``chunk_rows`` of them) or else ``FEW_WHOLE_VOCABULARY_ROWS``; else the most rows (a
     power of two) that leave room for ``VOCABULARY_BLOCK`` columns, if that is at least
     ``MIN_WHOLE_VOCABULARY_ROWS`` rows, else the most that leave room for ``MIN_BUDGET_COLS``.
     Raises ``ValueError`` if no plan fits.
     """
-    room = budget_bytes - PER_TOKEN_BYTES * n_rows
+    token_bytes = statistics_bytes(n_rows, compute_itemsize)
+    room = budget_bytes - token_bytes
     whole_rows = _largest_request(room) // (vocab * itemsize)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
         return TilePlan(rows=chunk_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
@@ -150,7 +162,7 @@ def plan_for_budget(n_rows: int, vocab: int, hidden_dim: int, itemsize: int, bud
             if cols >= min(vocab, min_cols):
                 return TilePlan(rows=r, cols=min(vocab, cols))
             rows //= 2
-    needed = PER_TOKEN_BYTES * n_rows + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
+    needed = token_bytes + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
     raise ValueError(
         f"memory_budget={budget_bytes} bytes is too small for {n_rows} tokens, a vocabulary of {vocab} and "
         f"hidden size {hidden_dim}: at least {needed} bytes are needed"

@@ -42,6 +42,16 @@ def row_gradient(
 
 
 @triton.jit
+def zero_row(logits_row, n_cols, BLOCK_V: tl.constexpr):
+    """Overwrite one row's ``n_cols`` logits with zeros: the gradient of an ignored row, which
+    then needs no read of its logits."""
+    zeros = tl.zeros((BLOCK_V,), logits_row.dtype.element_ty)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        tl.store(logits_row + cols, zeros, mask=cols < n_cols)
+
+
+@triton.jit
 def logit_gradient_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
     targets_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride, lse_grad_ptr,
@@ -51,6 +61,14 @@ def logit_gradient_kernel(
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
+    logits_row = logits_ptr + row.to(tl.int64) * row_stride
+    if not HAS_LSE_GRAD:
+        if target == ignore_index:
+            # Nothing reaches an ignored row but through its lse: its gradient is 0, written
+            # without reading the row (nor its lse, which a forward computing the gradients
+            # leaves at -inf).
+            zero_row(logits_row, n_cols, BLOCK_V)
+            return
     lse = tl.load(lse_ptr + row)
     if HAS_LOSS_GRAD:
         g = tl.load(loss_grad_ptr + row * loss_grad_stride).to(lse.dtype)
@@ -62,7 +80,7 @@ def logit_gradient_kernel(
     if HAS_LSE_GRAD:
         h = tl.load(lse_grad_ptr + row).to(lse.dtype)
     row_gradient(
-        logits_ptr + row.to(tl.int64) * row_stride, n_cols, target - col_offset, lse, g, h,
+        logits_row, n_cols, target - col_offset, lse, g, h,
         label_smoothing, z_loss, vocab_size, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
     )
 

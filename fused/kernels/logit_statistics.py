@@ -71,15 +71,20 @@ def row_statistics(
 def logit_statistics_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
     targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
-    logit_scale, softcap,
-    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    ignore_index, logit_scale, softcap,
+    SKIP_IGNORED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    if SKIP_IGNORED:
+        if target == ignore_index:
+            return
     logit_sum = tl.full((), 0.0, max_ptr.dtype.element_ty)
     if SUM_LOGITS:
         logit_sum = tl.load(logit_sum_ptr + row)
     running_max, sumexp, target_logit, logit_sum = row_statistics(
-        logits_ptr + row.to(tl.int64) * row_stride, n_cols, tl.load(targets_ptr + row) - col_offset,
+        logits_ptr + row.to(tl.int64) * row_stride, n_cols, target - col_offset,
         logit_scale, softcap, tl.load(max_ptr + row), tl.load(sumexp_ptr + row),
         tl.load(target_logit_ptr + row), logit_sum, HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, BLOCK_V,
     )
@@ -123,19 +128,28 @@ class RowStatistics:
 
 
 def accumulate_logit_statistics(
-    logits: Tensor, col_offset: int, targets: Tensor, stats: RowStatistics, rows: slice, options: LossOptions
+    logits: Tensor,
+    col_offset: int,
+    targets: Tensor,
+    stats: RowStatistics,
+    rows: slice,
+    options: LossOptions,
+    *,
+    skip_ignored: bool = False,
 ) -> None:
     """Fold one tile into ``stats``.
 
     ``logits (r, c)``: raw logits of rows ``rows`` and vocabulary columns
     ``[col_offset, col_offset + c)``, contiguous rows in any float dtype; ``targets (N,)``
     int64, all rows; ``stats`` of all ``N`` rows, updated in place on ``rows``. ``options``:
-    the transforms to apply.
+    the transforms to apply and ``ignore_index``. ``skip_ignored``: leave the statistics of
+    ignored rows as they started (their lse then comes out -inf), for a caller that needs
+    no lse of them: their loss is masked and their gradient is 0.
     """
     logit_statistics_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1], col_offset,
         targets[rows], *stats.rows(rows),
-        options.logit_scale or 1.0, options.softcap or 1.0,
-        HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
+        options.ignore_index, options.logit_scale or 1.0, options.softcap or 1.0,
+        SKIP_IGNORED=skip_ignored, HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
         SUM_LOGITS=stats.sum_logits, **row_kernel_launch(logits.shape[1]),
     )

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused.kernels.launch import row_kernel_launch
-from fused.kernels.logit_gradient import row_gradient
+from fused.kernels.logit_gradient import row_gradient, zero_row
 from fused.kernels.logit_statistics import RowStatistics, row_statistics
 from reference.linear_cross_entropy import LossOptions
 
@@ -31,6 +31,17 @@ def logit_statistics_and_gradient_kernel(
     target = tl.load(targets_ptr + row)
     dtype = max_ptr.dtype.element_ty
     zero = tl.full((), 0.0, dtype)
+    if target == ignore_index:
+        # Its gradient is 0 and its loss is masked: one write instead of two reads and a
+        # write. Its statistics are those of a row with no logits (lse = -inf).
+        tl.store(max_ptr + row, float("-inf"))
+        tl.store(sumexp_ptr + row, zero)
+        tl.store(target_logit_ptr + row, zero)
+        if SUM_LOGITS:
+            tl.store(logit_sum_ptr + row, zero)
+        tl.store(lse_ptr + row, float("-inf"))
+        zero_row(logits_row, n_cols, BLOCK_V)
+        return
     running_max, sumexp, target_logit, logit_sum = row_statistics(
         logits_row, n_cols, target, logit_scale, softcap, tl.full((), float("-inf"), dtype), zero, zero, zero,
         HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, BLOCK_V,
@@ -42,10 +53,9 @@ def logit_statistics_and_gradient_kernel(
     if SUM_LOGITS:
         tl.store(logit_sum_ptr + row, logit_sum)
     tl.store(lse_ptr + row, lse)
-    g = tl.where(target != ignore_index, 1.0, 0.0).to(dtype)
     row_gradient(
-        logits_row, n_cols, target, lse, g, zero, label_smoothing, z_loss, n_cols, logit_scale, softcap,
-        HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
+        logits_row, n_cols, target, lse, tl.full((), 1.0, dtype), zero, label_smoothing, z_loss, n_cols,
+        logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
     )
 
 
@@ -53,7 +63,9 @@ def write_statistics_and_gradient(
     logits: Tensor, targets: Tensor, stats: RowStatistics, lse: Tensor, rows: slice, options: LossOptions
 ) -> None:
     """Fill ``stats`` and ``lse`` on ``rows`` from a whole-vocabulary tile and overwrite the
-    tile with ``dL/dx`` for an upstream gradient of 1 on every valid row.
+    tile with ``dL/dx`` for an upstream gradient of 1 on every valid row. Ignored rows are
+    not read: their gradient rows are zeros and their statistics those of no logits
+    (``lse = -inf``).
 
     ``logits (r, V)``: raw logits of rows ``rows``, contiguous rows; ``targets (N,)`` int64,
     ``stats`` and ``lse (N,)`` (float32 or float64) of all rows.
