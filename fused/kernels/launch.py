@@ -20,7 +20,7 @@ MAX_BLOCK_V = 2048
 MAX_CHUNK_ROWS = 16384
 # With no knob set, the tile plan is the fastest that fits in this many bytes of extra memory
 # (beyond the per-token statistics): on an H100 in bf16, whole-vocabulary tiles of 1024 to
-# 4096 rows at the benchmark's four default shapes, 1.11-1.26x the three-matmul bound.
+# 4096 rows at the benchmark's four default shapes, 1.10-1.23x the three-matmul bound.
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # With chunk_size alone, one tile spans the whole vocabulary while it fits in this many
 # bytes; beyond it the vocabulary is cut into blocks of about VOCABULARY_BLOCK columns.
