@@ -25,7 +25,7 @@ and ``r = rows``, ``c = cols`` of the tile plan (``s' = 4``, 8 for ``compute_dty
 
     r * c * s                     one tile of logits / gradient of logits
   + r * D * 4     (c < V, s < 4)  the float32 sum of a row chunk's grad_hidden over blocks
-  + V * s'        (bias grad)     grad_bias summed in float32
+  + 2 * V * s'    (bias grad)     grad_bias summed in float32, and one tile's column sums
   + 7 * N * s' + 9 * N + 8 KiB   per-token statistics, lse, losses, int64 targets, a temporary
 
 and on CUDA up to 1 MiB more for each buffer above 1 MiB (the caching allocator's blocks);
@@ -613,7 +613,7 @@ def linear_cross_entropy(
             else:
                 plan = plan_for_budget(
                     n_rows, vocab, weight.shape[1], hidden.element_size(), memory_budget,
-                    compute_itemsize=compute_dtype.itemsize,
+                    compute_itemsize=compute_dtype.itemsize, has_bias=bias is not None,
                 )
                 chunk_size, vocab_chunk_size = plan.rows, plan.cols
     if backend not in BACKENDS:

@@ -134,3 +134,4 @@ def test_measured_peak_counts_every_per_token_buffer():
     h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
     extra = peak_memory_bytes(step, device) - (n + v) * d * 8
     assert 64 * v * 8 <= extra <= budget
+

@@ -122,7 +122,14 @@ def _largest_request(room: int) -> int:
 
 
 def plan_for_budget(
-    n_rows: int, vocab: int, hidden_dim: int, itemsize: int, budget_bytes: int, *, compute_itemsize: int = 4
+    n_rows: int,
+    vocab: int,
+    hidden_dim: int,
+    itemsize: int,
+    budget_bytes: int,
+    *,
+    compute_itemsize: int = 4,
+    has_bias: bool = False,
 ) -> TilePlan:
     """The fastest tile whose extra memory fits in ``budget_bytes``.
 
@@ -130,16 +137,19 @@ def plan_for_budget(
     ``rows * cols * itemsize``; the float32 ``grad_hidden`` accumulator of a row chunk,
     ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
     16-bit; ``statistics_bytes(n_rows, compute_itemsize)`` of statistics (``compute_itemsize``:
-    the bytes of ``compute_dtype``); each buffer counted as the allocator holds it
-    (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
+    the bytes of ``compute_dtype``); with a bias (``has_bias``), its gradient's accumulator
+    and one tile's column sums, ``V`` entries each in the wider of the two dtypes; each
+    buffer counted as the allocator holds it (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
     takes whole-vocabulary tiles if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit
     (``chunk_rows`` of them) or else ``FEW_WHOLE_VOCABULARY_ROWS``; else the most rows (a
     power of two) that leave room for ``VOCABULARY_BLOCK`` columns, if that is at least
     ``MIN_WHOLE_VOCABULARY_ROWS`` rows, else the most that leave room for ``MIN_BUDGET_COLS``.
     Raises ``ValueError`` if no plan fits.
     """
-    token_bytes = statistics_bytes(n_rows, compute_itemsize)
-    room = budget_bytes - token_bytes
+    fixed_bytes = statistics_bytes(n_rows, compute_itemsize)
+    if has_bias:
+        fixed_bytes += 2 * held_bytes(vocab * max(itemsize, compute_itemsize))
+    room = budget_bytes - fixed_bytes
     whole_rows = _largest_request(room) // (vocab * itemsize)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
         return TilePlan(rows=chunk_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
@@ -162,7 +172,7 @@ def plan_for_budget(
             if cols >= min(vocab, min_cols):
                 return TilePlan(rows=r, cols=min(vocab, cols))
             rows //= 2
-    needed = token_bytes + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
+    needed = fixed_bytes + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
     raise ValueError(
         f"memory_budget={budget_bytes} bytes is too small for {n_rows} tokens, a vocabulary of {vocab} and "
         f"hidden size {hidden_dim}: at least {needed} bytes are needed"
