@@ -264,7 +264,9 @@ def _flat_problem(
     kernels and cuBLAS (a copy only for non-contiguous inputs). The labels' values are
     checked on the device and read later (``p.label_check``): the forward reads them once the
     first logits product is queued, rather than leave the device idle while the host waits."""
-    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=count, defer_label_check=True)
+    p = prepare_inputs(
+        hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=count, defer_label_check=True
+    )
     return dataclasses.replace(
         p,
         hidden=p.hidden.contiguous(),

@@ -139,12 +139,14 @@ def plan_for_budget(
     16-bit; ``statistics_bytes(n_rows, compute_itemsize)`` of statistics (``compute_itemsize``:
     the bytes of ``compute_dtype``); with a bias (``has_bias``), its gradient's accumulator
     and one tile's column sums, ``V`` entries each in the wider of the two dtypes; each
-    buffer counted as the allocator holds it (``held_bytes``). More rows means fewer re-reads of the weight, so the plan
-    takes whole-vocabulary tiles if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit
-    (``chunk_rows`` of them) or else ``FEW_WHOLE_VOCABULARY_ROWS``; else the most rows (a
-    power of two) that leave room for ``VOCABULARY_BLOCK`` columns, if that is at least
-    ``MIN_WHOLE_VOCABULARY_ROWS`` rows, else the most that leave room for ``MIN_BUDGET_COLS``.
-    Raises ``ValueError`` if no plan fits.
+    buffer counted as the allocator holds it (``held_bytes``).
+
+    More rows means fewer re-reads of the weight, so the plan takes whole-vocabulary tiles
+    if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (``chunk_rows`` of them) or else
+    ``FEW_WHOLE_VOCABULARY_ROWS``; else the most rows (a power of two) that leave room for
+    ``VOCABULARY_BLOCK`` columns, if that is at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows,
+    else the most that leave room for ``MIN_BUDGET_COLS``. Raises ``ValueError`` if no plan
+    fits.
     """
     fixed_bytes = statistics_bytes(n_rows, compute_itemsize)
     if has_bias:

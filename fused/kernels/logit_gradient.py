@@ -74,7 +74,8 @@ def logit_gradient_kernel(
         g = tl.load(loss_grad_ptr + row * loss_grad_stride).to(lse.dtype)
     else:
         g = tl.full((), 1.0, lse.dtype)
-    # where, not a product: an infinite upstream gradient must still give 0 on ignored rows.
+    # Ignored rows get here only with an lse gradient. where, not a product: an infinite
+    # upstream gradient of the loss must still give them 0.
     g = tl.where(target != ignore_index, g, 0.0)
     h = tl.full((), 0.0, lse.dtype)
     if HAS_LSE_GRAD:
