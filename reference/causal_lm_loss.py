@@ -30,16 +30,33 @@ from torch import Tensor
 
 from reference.input_checks import check_logits_and_targets, check_targets_dtype
 
+IGNORE_INDEX = -100
 
-def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Next-token targets: ``out[..., t] = labels[..., t + 1]``, ``out[..., -1] = ignore_index``.
 
     ``labels (..., T)`` integer, at least 1-d; returns an int64 tensor of the same shape.
     """
+    _check_labels(labels)
+    return F.pad(labels.long(), (0, 1), value=ignore_index)[..., 1:].contiguous()
+
+
+def count_target_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Number of target tokens of one causal-LM batch, after the shift.
+
+    ``labels (..., T)`` integer. Position ``t`` predicts ``labels[..., t + 1]``, so the first
+    label of each row is never a target: the count is over ``labels[..., 1:]``, as Trainer
+    counts since transformers 5.10. Returns a 0-d int64 tensor on ``labels``' device.
+    """
+    _check_labels(labels)
+    return labels[..., 1:].ne(ignore_index).sum()
+
+
+def _check_labels(labels: Tensor) -> None:
     check_targets_dtype(labels, "labels")
     if labels.dim() == 0:
         raise ValueError("labels must have a sequence dimension, got a 0-d tensor")
-    return F.pad(labels.long(), (0, 1), value=ignore_index)[..., 1:].contiguous()
 
 
 # causal_lm_loss takes a parameter named shift_labels (transformers' signature), which
@@ -52,7 +69,7 @@ def causal_lm_loss(
     labels: Tensor | None,
     vocab_size: int,
     num_items_in_batch: int | float | Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift_labels: Tensor | None = None,
     **kwargs,
 ) -> Tensor:

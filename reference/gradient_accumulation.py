@@ -34,29 +34,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import PrinterCallback
 
-from reference.causal_lm_loss import causal_lm_loss
-from reference.input_checks import check_logits_and_targets, check_targets_dtype
+from reference.causal_lm_loss import IGNORE_INDEX, causal_lm_loss, count_target_tokens
+from reference.input_checks import check_logits_and_targets
 
 if TYPE_CHECKING:
     from datasets import Dataset
-
-IGNORE_INDEX = -100
 
 # Valid lengths of the 16 rows of the tiny training set, padded to 12 tokens. Read four at a
 # time they make micro-batches of 44, 26, 12 and 5 target tokens: far from equal, so the
 # mean of means and the token mean disagree visibly.
 UNEVEN_LENGTHS = (12, 12, 12, 12, 9, 8, 7, 6, 5, 4, 4, 3, 3, 2, 2, 2)
-
-
-def count_target_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Number of target tokens of one causal-LM micro-batch, after the shift.
-
-    ``labels (..., T)`` integer. Position ``t`` predicts ``labels[..., t + 1]``, so the first
-    label of each row is never a target: the count is over ``labels[..., 1:]``, as Trainer
-    counts since transformers 5.10. Returns a 0-d int64 tensor on ``labels``' device.
-    """
-    _check_labels(labels)
-    return labels[..., 1:].ne(ignore_index).sum()
 
 
 def num_items_in_batch(micro_batch_labels: Sequence[Tensor], ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -106,12 +93,6 @@ def sum_over_count_loss(micro_logits: Sequence[Tensor], micro_labels: Sequence[T
         causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=count)
         for logits, labels in zip(micro_logits, micro_labels)
     )
-
-
-def _check_labels(labels: Tensor) -> None:
-    check_targets_dtype(labels, "labels")
-    if labels.dim() == 0:
-        raise ValueError("labels must have a sequence dimension, got a 0-d tensor")
 
 
 def _check_micro_batches(micro_logits: Sequence[Tensor], micro_labels: Sequence[Tensor], vocab_size: int) -> None:

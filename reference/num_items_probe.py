@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reference.gradient_accumulation import IGNORE_INDEX, count_target_tokens
+from reference.causal_lm_loss import IGNORE_INDEX, count_target_tokens
 
 COUNT = "num_items_in_batch"
 
