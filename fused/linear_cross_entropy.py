@@ -556,6 +556,35 @@ def check_size(name: str, value: int | None) -> None:
         check_positive_size(name, value)
 
 
+def _cast_for_autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # autocast's own rule for a matmul's inputs: floating tensors other than float64.
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _computes_as_autocast_would(function: Callable) -> Callable:
+    """Under ``torch.autocast``, run ``function`` as the model's own head and loss would run:
+    the head's inputs cast to the autocast dtype (what ``nn.Linear`` does under autocast),
+    then the loss with autocast off, so that its float32 statistics stay float32 and the
+    backward, which autocast does not reach, recomputes the same half-precision logits as
+    the forward. The casts are autograd ops: float32 parameters get float32 gradients, as in
+    stock mixed-precision training."""
+
+    @functools.wraps(function)
+    def run(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, **options):
+        device_type = hidden.device.type if isinstance(hidden, Tensor) else None
+        if device_type is None or not torch.is_autocast_enabled(device_type):
+            return function(hidden, weight, labels, bias=bias, **options)
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (_cast_for_autocast(t, dtype) for t in (hidden, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return function(hidden, weight, labels, bias=bias, **options)
+
+    return run
+
+
+@_computes_as_autocast_would
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -597,6 +626,10 @@ def linear_cross_entropy(
     ``reference.chunked_cross_entropy`` elsewhere; ``'triton'`` forces the kernels (CPU
     tensors need ``TRITON_INTERPRET=1`` set before ``fused`` is imported); ``'reference'``
     forces the chunked PyTorch path.
+
+    Under ``torch.autocast`` the loss is what ``F.linear`` + the loss compute there: the
+    matmuls in the autocast dtype (float32 ``hidden``, ``weight`` and ``bias`` are cast to it;
+    the gradients reach them in float32), the statistics in float32.
     """
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
     check_size("chunk_size", chunk_size)
