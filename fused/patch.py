@@ -142,9 +142,10 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 def _fingerprint(model: nn.Module, transform: LogitTransform) -> tuple:
     """What a logit transform could be read from, to notice a change after patching: every
     float of the config and of the model's own attributes, and the ints the transform took
-    from the config. Other ints read as ``'int'`` (a resized vocabulary changes nothing) and
-    everything else as None (``use_cache``, ``dtype`` ...), so a transform switched on later
-    (``final_logit_softcapping`` None -> 30.0) shows as a change."""
+    from the config. Nothing else counts, whether it changes, appears or disappears: other
+    ints (a resized vocabulary changes nothing), flags such as ``use_cache`` (which Trainer
+    adds to composite configs that lack it), ``dtype``. A transform switched on later
+    (``final_logit_softcapping`` None -> 30.0) still shows, as a float that appeared."""
     used = {name.removeprefix("1/") for _, name in transform.sources}
     items = []
 
@@ -154,8 +155,6 @@ def _fingerprint(model: nn.Module, transform: LogitTransform) -> tuple:
                 walk(item, f"{path}.{key}")
         elif isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and path in used):
             items.append((path, value))
-        else:
-            items.append((path, "int" if isinstance(value, int) and not isinstance(value, bool) else None))
 
     walk(model.config.to_dict(), "config")
     own = [(k, v) for k, v in vars(model).items() if isinstance(v, float)]

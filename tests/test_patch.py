@@ -354,10 +354,21 @@ def test_a_config_change_after_patching_falls_back_to_stock():
     assert report.calls.fallback == 1 and report.calls.fused == 0
 
 
+def test_a_transform_switched_on_after_patching_falls_back_to_stock():
+    model = build(Gemma2ForCausalLM, Gemma2Config, head_dim=8, final_logit_softcapping=None)
+    report = patch_model(model)
+    model.config.final_logit_softcapping = 0.5
+    with pytest.warns(RuntimeWarning, match="config"):
+        loss_and_grads(model, **batch())
+    assert report.calls.fallback == 1 and report.calls.fused == 0
+
+
 def test_changes_that_leave_the_transform_alone_keep_the_fused_path():
     model = llama()
     report = patch_model(model)
     model.config.use_cache = False
+    # Trainer sets use_cache on every model; on a composite config that has none, the key is new.
+    model.config.added_after_patching = False
     model.resize_token_embeddings(VOCAB + 6, mean_resizing=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
