@@ -60,7 +60,8 @@ _STATE = "_fused_patch"
 
 @dataclass
 class PatchCalls:
-    """Live counts of the patched forward's calls since patching.
+    """Live counts of the patched forward's calls since patching (or since ``copy.deepcopy``
+    made the model they count for).
 
     ``fused``: training calls with labels whose loss came from the fused kernel.
     ``stock``: calls without labels or in eval mode, passed to the stock forward untouched.
@@ -72,6 +73,10 @@ class PatchCalls:
     stock: int = 0
     fallback: int = 0
     last_fallback: str = ""
+
+    def __deepcopy__(self, memo: dict) -> PatchCalls:
+        # A copied model has made no calls yet: its counters start at zero.
+        return PatchCalls()
 
 
 @dataclass
