@@ -78,7 +78,7 @@ from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gra
 from fused.kernels.upstream_scale import scale_unless_one
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
 from reference.chunked_cross_entropy import check_size as check_positive_size
-from reference.linear_cross_entropy import FlatProblem, LossOptions, prepare_inputs, reduce_losses
+from reference.linear_cross_entropy import FlatProblem, LossOptions, check_shift, prepare_inputs, reduce_losses
 
 BACKENDS = ("auto", "triton", "reference")
 # Set at import: triton.jit reads TRITON_INTERPRET when the kernels are defined.
@@ -632,6 +632,7 @@ def linear_cross_entropy(
     the gradients reach them in float32), the statistics in float32.
     """
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    check_shift(shift)
     check_size("chunk_size", chunk_size)
     check_size("vocab_chunk_size", vocab_chunk_size)
     check_size("memory_budget", memory_budget)

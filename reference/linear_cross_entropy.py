@@ -139,6 +139,13 @@ class FlatProblem:
         return self.label_check.read()
 
 
+def check_shift(shift: bool) -> None:
+    """Raise ``TypeError`` unless ``shift`` is True or False: labels shift by one position or
+    not at all, and a truthy ``2`` must not silently mean one."""
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False, got {shift!r}")
+
+
 def prepare_inputs(
     hidden: Tensor,
     weight: Tensor,
@@ -166,6 +173,7 @@ def prepare_inputs(
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_shift(shift)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be a floating tensor (fp16, bf16, fp32, fp64), got {hidden.dtype}")
     if weight.dtype != hidden.dtype:

@@ -346,13 +346,17 @@ BAD_INPUTS = {
     "vocab_chunk_size_bool": (_bad(vocab_chunk_size=True), TypeError, "vocab_chunk_size must be an int"),
     "compute_dtype": (_bad(compute_dtype=torch.float16), ValueError, "compute_dtype must be"),
     "backend": (_bad(backend="cuda"), ValueError, "backend must be"),
+    "shift_int": (_bad(shift=2), TypeError, "shift must be True or False"),
 }
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_inputs(name):
+def test_bad_inputs(name, backend):
     kwargs, error, message = BAD_INPUTS[name]
-    kwargs = {"backend": "triton", **kwargs}
+    if name == "backend":
+        backend = kwargs["backend"]
+    kwargs = {**kwargs, "backend": backend}
     with pytest.raises(error, match=message):
         linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("labels"), **kwargs)
 
