@@ -9,7 +9,9 @@ vocabulary of 49152.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -55,8 +57,11 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None):
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     else:
         source = gguf_dir()
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+        # The dequantisation draws a progress bar on stderr that transformers' progress-bar
+        # setting does not reach: a first load would print what a cached load does not.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
         cache.mkdir(parents=True, exist_ok=True)
         # save_pretrained refuses GGUF-quantised models, so the config and the plain
         # state dict are written separately.

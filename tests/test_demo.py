@@ -6,6 +6,7 @@ A tiny random Llama with SmolLM2's real tokenizer and vocabulary keeps this fast
 """
 
 import os
+import statistics
 
 import pytest
 import torch
@@ -87,6 +88,9 @@ def test_stock_and_patched_runs_agree_and_loss_is_not_inflated(tiny_model, token
     assert patched.losses[0] == pytest.approx(big_batch, rel=1e-4)
     assert stock.losses[-1] < stock.losses[0]  # it trains
     assert "loss patched" in side_by_side(stock, patched)
+    # One wall time per optimizer step; the typical one leaves out the first (one-off setup).
+    assert len(stock.step_seconds) == len(patched.step_seconds) == 3
+    assert patched.typical_step_seconds == statistics.median(patched.step_seconds[1:])
 
 
 def test_lora_on_lm_head_trains_the_same_patched_and_unpatched(tiny_model, tokenizer, dataset):
