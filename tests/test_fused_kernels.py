@@ -32,7 +32,6 @@ from fused.kernels.launch import (
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
-from fused.kernels.logit_transform import tanh_and_slope
 from fused.kernels.upstream_scale import scale_unless_one
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
@@ -197,27 +196,6 @@ def test_statistics_lanes_rescale_when_the_max_moves_late():
     lse = stats.max + torch.log(stats.sumexp)
     torch.testing.assert_close(lse, torch.logsumexp(logits.double(), -1).float(), rtol=0, atol=4 * EPS32 * 60)
     torch.testing.assert_close(stats.target_logit, logits[:, 2049], rtol=0, atol=0)
-
-
-@triton.jit
-def _tanh_and_slope_kernel(x_ptr, t_ptr, s_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n
-    t, s = tanh_and_slope(tl.load(x_ptr + offs, mask=mask, other=0.0))
-    tl.store(t_ptr + offs, t, mask=mask)
-    tl.store(s_ptr + offs, s, mask=mask)
-
-
-def test_tanh_and_slope_accuracy():
-    # Both keep their float32 relative precision everywhere: near 0 (the series), around
-    # the switch at 0.1, and where tanh saturates (the slope from exp, not 1 - t*t).
-    x = torch.tensor([0.0, 1e-30, 1e-8, -3e-4, 0.05, 0.0999999, 0.1, -0.1000001, 0.5, -1.0, 3.0, 8.0, -15.0, 40.0])
-    t, s = torch.empty_like(x), torch.empty_like(x)
-    _tanh_and_slope_kernel[(1,)](x, t, s, x.numel(), BLOCK=16)
-    exact_t = torch.tanh(x.double())
-    exact_s = 1 / torch.cosh(x.double()) ** 2
-    assert ((t.double() - exact_t).abs() <= 4 * EPS32 * exact_t.abs()).all(), t.double() - exact_t
-    assert ((s.double() - exact_s).abs() <= 8 * EPS32 * exact_s).all(), s.double() / exact_s - 1
 
 
 def test_default_plan_is_the_default_budget_plan():

@@ -11,22 +11,43 @@ import triton.language as tl
 
 
 @triton.jit
-def tanh_and_slope(x):
-    """``tanh(x)`` and its derivative ``1 - tanh(x)**2``, from ``exp`` alone (the interpreter
-    has no libdevice tanh).
+def _exactly(value: tl.constexpr, like):
+    """``value`` in ``like``'s dtype and shape. A bare float literal is a float32 constant,
+    which would round a float64 coefficient to 24 bits."""
+    return tl.full(like.shape, value, like.dtype)
 
-    With ``e = exp(-2|x|)``: ``tanh|x| = (1 - e) / (1 + e)`` and ``1 - tanh**2 = 4e / (1 + e)**2``.
-    The second form keeps its relative precision where tanh saturates (``1 - t*t`` would
-    cancel to a few ulps of 1); near 0, ``1 - e`` cancels instead, and the odd Taylor series
-    of tanh (exact to ~1e-12 relative below 0.1) takes over.
+
+@triton.jit
+def _tanh_near_zero(x):
+    """``tanh(x)`` for ``|x| < 0.625``: Cephes' ``x + x^3 R(x^2)`` (a rational ``R`` in float64,
+    a polynomial in float32), accurate to an ulp or two, where ``1 - exp(-2|x|)`` would lose
+    up to all its bits to cancellation."""
+    z = x * x
+    if x.dtype == tl.float64:
+        p = (_exactly(-9.64399179425052238628e-1, z) * z - _exactly(9.92877231001918586564e1, z)) * z
+        p = p - _exactly(1.61468768441708447952e3, z)
+        q = ((z + _exactly(1.12811678491632931402e2, z)) * z + _exactly(2.23548839060100448583e3, z)) * z
+        q = q + _exactly(4.84406305325125486048e3, z)
+        t = x + x * z * (p / q)
+    else:
+        r = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+        t = x + (r - 3.33332819422e-1) * z * x
+    return t
+
+
+@triton.jit
+def tanh_and_slope(x):
+    """``tanh(x)`` and its derivative ``1 - tanh(x)**2``, from ``exp`` and arithmetic alone
+    (the interpreter has no libdevice tanh), in ``x``'s dtype (float32 or float64).
+
+    With ``e = exp(-2|x|)``: ``tanh|x| = (1 - e) / (1 + e)`` from ``|x| = 0.625`` on, where
+    ``e <= 0.29`` and ``1 - e`` cannot cancel; below, Cephes' approximation. The derivative
+    ``4e / (1 + e)**2`` keeps its relative precision where tanh saturates (``1 - t*t`` would
+    cancel to a few ulps of 1).
     """
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    t = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    series = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    t = tl.where(ax < 0.1, series, t)
+    t = tl.where(ax < 0.625, _tanh_near_zero(ax), (1.0 - e) / (1.0 + e))
     slope = 4.0 * e / ((1.0 + e) * (1.0 + e))
     return tl.where(x < 0, -t, t), slope
 
