@@ -3,10 +3,12 @@ against float64 ``torch.tanh`` over the whole range, in float32 and float64: und
 interpreter on CPU, compiled on a GPU.
 
 Tolerances, in ulps of the result's own dtype: 2 for tanh (float32's ``torch.tanh`` is within
-0.5 of the truth; the kernel's, from ``exp`` and arithmetic, within 1.5 on CPU), 4 for its
-derivative. The former formula lost up to 4.8 float32 ulps near |x| = 0.15, where
-``1 - exp(-2|x|)`` cancels, and 4000 float64 ulps just below 0.1, where a truncated series
-took over.
+0.5 of the truth; the kernel's, from ``exp`` and arithmetic, within 1.5 on CPU and 1.6 on an
+H200), 4 for its derivative. Compiled for a GPU, float32 ``tl.exp`` is the hardware's
+approximate exponential, whose relative error grows with its argument ``2|x|``: there the
+derivative is held to ``4 + |x|`` ulps (measured on an H200: 15.6 at |x| = 20). The former
+formula lost up to 4.8 float32 ulps near |x| = 0.15, where ``1 - exp(-2|x|)`` cancels, and
+4000 float64 ulps just below 0.1, where a truncated series took over.
 """
 
 import pytest
@@ -55,7 +57,10 @@ def test_tanh_and_slope_are_accurate_over_the_whole_range(dtype):
     exact_s = 1 / torch.cosh(x.double()) ** 2
     assert torch.equal(t[x == 0], x[x == 0])
     nonzero, sloped = exact_t != 0, exact_s > 0
+    slope_ulps = torch.full_like(x, SLOPE_ULPS, dtype=torch.float64)
+    if DEVICE == "cuda" and dtype == torch.float32:
+        slope_ulps += x.abs().double()
     worst_t = _ulps(t, exact_t, dtype)[nonzero].max().item()
-    worst_s = _ulps(s, exact_s, dtype)[sloped].max().item()
+    worst_s = (_ulps(s, exact_s, dtype) / slope_ulps)[sloped].max().item()
     assert worst_t <= TANH_ULPS, f"tanh off by {worst_t:.2f} ulps"
-    assert worst_s <= SLOPE_ULPS, f"slope off by {worst_s:.2f} ulps"
+    assert worst_s <= 1, f"slope off by {worst_s:.2f} times its tolerance"
