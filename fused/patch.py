@@ -474,12 +474,22 @@ def patch_model(
 def unpatch_model(model: nn.Module) -> bool:
     """Restore the stock forward and ``accepts_loss_kwargs`` of a patched model.
 
-    Returns True if a patch was removed, False if the model was not patched.
+    Returns True if a patch was removed, False if the model was not patched. Raises
+    ``RuntimeError``, changing nothing, when ``forward`` was wrapped again after the patch
+    (accelerate's autocast wrapper, a trainer's own): the patch sits inside that wrapper, and
+    removing it would remove the wrapper too.
     """
     target = _transformers_model(model)
-    state = vars(target).pop(_STATE, None)
-    if state is None:
+    if _STATE not in vars(target):
         return False
+    current = vars(target).get("forward")
+    if not isinstance(current, _PatchedForward):
+        raise RuntimeError(
+            f"fused.unpatch_model: {type(target).__name__}.forward was wrapped after patch_model "
+            f"(it is now {current!r}); unpatching would remove that wrapper too. Remove the wrapper "
+            "first (accelerate: accelerator.unwrap_model(model, keep_fp32_wrapper=False)), or keep the patch."
+        )
+    state = vars(target).pop(_STATE)
     if state.previous_forward is None:
         vars(target).pop("forward", None)
     else:

@@ -195,6 +195,26 @@ def test_unpatch_restores_the_stock_forward():
     assert torch.equal(loss, stock_loss) and torch.equal(output.logits, stock_output.logits)
 
 
+def test_unpatch_refuses_to_remove_a_wrapper_installed_after_the_patch():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = llama()
+    report = patch_model(model)
+    # accelerate wraps forward in autocast and an fp32 output conversion, around the patch.
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        model = accelerator.prepare(model)
+        wrapped = vars(model)["forward"]
+        with pytest.raises(RuntimeError, match="wrapped after patch_model"):
+            unpatch_model(model)
+        assert vars(model)["forward"] is wrapped and patch_report(model) is report  # nothing changed
+        model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        assert unpatch_model(model) is True and "forward" not in vars(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # later Trainers start their own
+
+
 def test_labels_none_and_eval_mode_are_the_stock_forward_bit_for_bit():
     model = llama()
     inputs = batch()
