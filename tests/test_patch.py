@@ -202,6 +202,8 @@ def test_unpatch_refuses_to_remove_a_wrapper_installed_after_the_patch():
     model = llama()
     report = patch_model(model)
     # accelerate wraps forward in autocast and an fp32 output conversion, around the patch.
+    # Its state is process-wide: an earlier Trainer set it up without mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     try:
         model = accelerator.prepare(model)
