@@ -6,9 +6,11 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch import nn
+
 from fused.doctor import extra_inputs, fused_loss, initial_loss, label_shift, loss_kwargs, packing, padding
 from fused.doctor.findings import Diagnosis, Finding, Status
-from fused.doctor.subject import Subject, examining, subject_of
+from fused.doctor.subject import Subject, examining, model_of, subject_of
 
 # In the order a practitioner would walk them: is the fast path on, is the number sane, is
 # it the right number (accumulation, targets, data layout).
@@ -43,7 +45,9 @@ def diagnose(model_or_trainer: Any, batch: Mapping[str, Any] | None = None, *, p
     for the checklist. Raises ``TypeError``/``ValueError`` naming what is wrong with the
     arguments (no transformers model, a batch without labels ...).
     """
-    model = getattr(model_or_trainer, "model", model_or_trainer)
+    model = model_of(model_or_trainer)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"diagnose takes a transformers model or Trainer, got {type(model_or_trainer).__name__}")
     with examining(model), warnings.catch_warnings():
         # The patch's fallback warnings are findings here, not noise for the caller.
         warnings.simplefilter("ignore")

@@ -6,11 +6,11 @@ only their processor builds: ``mm_token_type_ids`` (Gemma 4 and the Qwen-VL fami
 renames it), and ``token_type_ids`` as prefix 0 / suffix 1 for PaliGemma. A text collator
 drops them silently, and the attention mask or positions change.
 
-Behavioural: for each such input the forward takes and the batch lacks, the training-mode
-loss without it against the loss with it built as the processor would (from the config's
-token ids, or from the labels for PaliGemma's suffix). A forward that fails without it, or
-a loss that moves, is a problem; an equal loss (text-only data on a model that needs no
-types for text) is fine.
+Behavioural: for each such input the forward takes and the batch lacks, the model's output
+without it against the output with it built as the processor would (from the config's token
+ids, or from the labels for PaliGemma's suffix), in eval mode, where even a patched model
+returns its logits. A forward that fails without it, or logits that move, is a problem;
+equal logits (text-only data on a model that needs no types for text) are fine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fused.doctor.findings import Finding, Status
 from fused.doctor.subject import Subject
-from fused.patch_probe import TOLERANCE
+from fused.patch_probe import loss_of, relative_error
 from reference.causal_lm_loss import IGNORE_INDEX
 
 CHECK = "extra_inputs"
@@ -72,25 +72,28 @@ def check(subject: Subject) -> Finding:
         present = [name for name in expected_inputs(subject)]
         summary = f"the batch carries {', '.join(present)}" if present else "the forward takes no token-type input"
         return Finding(CHECK, Status.OK if present else Status.SKIPPED, summary)
-    tolerance = TOLERANCE.get(next(subject.model.parameters()).dtype, TOLERANCE[torch.float32])
     evidence = []
     for name, build in missing.items():
-        with_it = float(subject.loss(subject.with_inputs(**{name: build(subject)}), training=True))
+        built = subject.output(subject.with_inputs(**{name: build(subject)}))
         try:
-            without = float(subject.loss(training=True))
+            absent = subject.output()
         except Exception as error:  # the model's own refusal names what it misses
             return Finding(
-                CHECK, Status.PROBLEM, f"the training forward fails without {name}",
-                f"{type(error).__name__}: {error}; with {name} built as the processor does: loss {with_it:.4g}",
+                CHECK, Status.PROBLEM, f"the forward fails without {name}",
+                f"{type(error).__name__}: {error}; with {name} built as the processor does: loss {float(loss_of(built)):.4g}",
                 f"keep {name} from the processor in every batch (a text collator drops it)",
             )
-        error = abs(without - with_it) / abs(with_it)
-        evidence.append(f"{name}: loss {without:.4g} without, {with_it:.4g} with it (relative difference {error:.1e})")
-        if error > tolerance:
+        # The logits show a changed mask even where a random model's loss barely moves.
+        change = relative_error(absent.logits, built.logits)
+        evidence.append(
+            f"{name}: loss {float(loss_of(absent)):.4g} without, {float(loss_of(built)):.4g} with it; "
+            f"logits differ by {change:.1e} of their largest magnitude (tolerance {subject.tolerance:g})"
+        )
+        if change > subject.tolerance:
             return Finding(
-                CHECK, Status.PROBLEM, f"{name} is missing and changes the loss", "; ".join(evidence),
+                CHECK, Status.PROBLEM, f"{name} is missing and changes the model's output", "; ".join(evidence),
                 f"keep {name} from the processor in every batch (a text collator drops it)",
             )
     return Finding(
-        CHECK, Status.OK, f"{', '.join(missing)} absent, but the loss does not depend on it here", "; ".join(evidence)
+        CHECK, Status.OK, f"{', '.join(missing)} absent, but the output does not depend on it here", "; ".join(evidence)
     )

@@ -9,8 +9,8 @@ unless ``use_cache=False`` (``config.use_cache`` is on by default).
 
 Behavioural: the loss of the first packed row as given against the same documents run one at
 a time, on the same targets (document starts ignored in both, since the packed row would
-score a document's last token on the next one's first). Equal within the float tolerance of
-the model's dtype means no leak. When they differ, the row without ``attention_mask`` (and
+score a document's last token on the next one's first). Equal within ``RERUN_TOLERANCE``
+of the model's dtype means no leak. When they differ, the row without ``attention_mask`` (and
 then also with ``use_cache=False``) says which change is the fix.
 """
 
@@ -23,7 +23,6 @@ from torch import Tensor
 
 from fused.doctor.findings import Finding, Status
 from fused.doctor.subject import Subject
-from fused.patch_probe import TOLERANCE
 from reference.causal_lm_loss import IGNORE_INDEX, count_target_tokens
 
 CHECK = "packing"
@@ -96,7 +95,7 @@ def check(subject: Subject) -> Finding:
         return Finding(CHECK, Status.SKIPPED, f"row {row}'s documents have no target after their first token")
     separate = sum(loss * count for loss, count in documents if count) / total
     packed = float(subject.loss(inputs))
-    tolerance = TOLERANCE.get(next(subject.model.parameters()).dtype, TOLERANCE[torch.float32])
+    tolerance = subject.tolerance
     error = abs(packed - separate) / abs(separate)
     later_starts = starts.clone()
     later_starts[:, 0] = False

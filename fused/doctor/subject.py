@@ -21,6 +21,11 @@ from fused.patch import _transformers_model, patch_report
 from fused.patch_probe import loss_of, probe_inputs, probing
 
 RANDOM_BATCH, RANDOM_LENGTH = 2, 16
+# Two runs of the model on inputs that should give the same loss (one document at a time
+# against the packed row, a token-type input that changes nothing) agree to this relative
+# difference: the rounding of other shapes and mask paths, orders of magnitude below what a
+# leaking document or a changed mask moves even a random model's loss.
+RERUN_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @dataclass(frozen=True)
@@ -51,19 +56,29 @@ class Subject:
     def vocab_size(self) -> int:
         return int(self.text_config.vocab_size)
 
-    def loss(self, inputs: Mapping[str, Any] | None = None, *, training: bool = False, seed: int = 0) -> Tensor:
-        """The model's loss on ``inputs`` (default: the batch), a 0-d float tensor. ``training``
-        runs the modules in training mode (dropout, training-only branches); the RNG is seeded
-        with ``seed`` first. Raises ``ValueError`` when the forward returns no loss."""
+    def output(self, inputs: Mapping[str, Any] | None = None, *, training: bool = False, seed: int = 0) -> Any:
+        """The model's output on ``inputs`` (default: the batch). ``training`` runs the modules
+        in training mode (dropout, training-only branches, the patched fused path); the RNG is
+        seeded with ``seed`` first."""
         self.model.train(training)
         try:
             torch.manual_seed(seed)
-            loss = loss_of(self.model(**(self.batch if inputs is None else inputs)))
+            return self.model(**(self.batch if inputs is None else inputs))
         finally:
             self.model.eval()
+
+    def loss(self, inputs: Mapping[str, Any] | None = None, *, training: bool = False, seed: int = 0) -> Tensor:
+        """The loss of ``output(inputs, training=training, seed=seed)``, a 0-d float tensor.
+        Raises ``ValueError`` when the forward returns no loss."""
+        loss = loss_of(self.output(inputs, training=training, seed=seed))
         if loss is None:
             raise ValueError(f"{type(self.model).__name__} returned no loss for a batch with labels")
         return loss.detach().float()
+
+    @property
+    def tolerance(self) -> float:
+        """``RERUN_TOLERANCE`` for the dtype of the model's parameters."""
+        return RERUN_TOLERANCE.get(next(self.model.parameters()).dtype, RERUN_TOLERANCE[torch.float32])
 
     def with_inputs(self, **changes: Any) -> dict[str, Any]:
         """The batch with some inputs replaced; a value of None removes that input."""
@@ -81,13 +96,13 @@ def patch_reports(model: nn.Module) -> list:
 def examining(model: nn.Module) -> Iterator[None]:
     """Eval mode, a forked RNG and no autograd for the examination; every module's mode, the
     RNG state and the patch counters are put back afterwards."""
-    counters = [(report, replace(report.calls)) for report in patch_reports(model)]
+    counters = [(report.calls, replace(report.calls)) for report in patch_reports(model)]
     with probing(model), torch.no_grad():
         try:
             yield
         finally:
-            for report, calls in counters:
-                report.calls = calls
+            for live, saved in counters:  # in place: callers may hold the counters object
+                vars(live).update(vars(saved))
 
 
 def _check_batch(batch: Any) -> dict[str, Any]:
@@ -124,11 +139,16 @@ def _is_trainer(value: Any) -> bool:
     return callable(getattr(value, "get_train_dataloader", None)) and isinstance(getattr(value, "model", None), nn.Module)
 
 
+def model_of(model_or_trainer: Any) -> Any:
+    """The model a Trainer trains, or the argument itself."""
+    return model_or_trainer.model if _is_trainer(model_or_trainer) else model_or_trainer
+
+
 def subject_of(model_or_trainer: Any, batch: Mapping[str, Any] | None, pretrained: bool | None) -> tuple[Subject, str]:
     """The ``Subject`` for ``diagnose``'s arguments and a description of its batch. Call it
-    inside ``examining``: a trainer's dataloader draws from the RNG."""
+    inside ``examining(model_of(model_or_trainer))``: a trainer's dataloader draws from the RNG."""
     trainer = model_or_trainer if _is_trainer(model_or_trainer) else None
-    model = trainer.model if trainer is not None else model_or_trainer
+    model = model_of(model_or_trainer)
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose takes a transformers model or Trainer, got {type(model_or_trainer).__name__}")
     config = getattr(_transformers_model(model), "config", None)
