@@ -87,7 +87,11 @@ def check(subject: Subject) -> Finding:
         change = relative_error(absent.logits, built.logits)
         evidence.append(
             f"{name}: loss {float(loss_of(absent)):.4g} without, {float(loss_of(built)):.4g} with it; "
-            f"logits differ by {change:.1e} of their largest magnitude (tolerance {subject.tolerance:g})"
+            + (
+                f"logits differ by {change:.1e} of their largest magnitude (tolerance {subject.tolerance:g})"
+                if change > subject.tolerance
+                else f"logits equal within {subject.tolerance:g}"
+            )
         )
         if change > subject.tolerance:
             return Finding(

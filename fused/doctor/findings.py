@@ -31,6 +31,18 @@ class Finding:
     evidence: str = ""
     fix: str = ""
 
+    def lines(self, name_width: int = 0) -> str:
+        """The checklist entry: status, check name (padded to ``name_width``) and summary,
+        then the evidence and the fix indented beneath."""
+        label = f"[{self.status.value}]".ljust(_LABEL_WIDTH)
+        indent = " " * (2 + _LABEL_WIDTH + 1 + max(name_width, len(self.check)) + 1)
+        entry = [f"  {label} {self.check.ljust(name_width)} {self.summary}"]
+        entry += [f"{indent}{kind}: {text}" for kind, text in (("evidence", self.evidence), ("fix", self.fix)) if text]
+        return "\n".join(entry)
+
+    def __str__(self) -> str:
+        return self.lines()
+
 
 _LABEL_WIDTH = max(len(status.value) for status in Status) + 2
 
@@ -61,12 +73,8 @@ class Diagnosis:
 
     def __str__(self) -> str:
         name_width = max(len(f.check) for f in self.findings)
-        indent = " " * (2 + _LABEL_WIDTH + 1 + name_width + 1)
         lines = [f"Loss doctor: {self.model} on {self.batch}"]
-        for f in self.findings:
-            label = f"[{f.status.value}]".ljust(_LABEL_WIDTH)
-            lines.append(f"  {label} {f.check.ljust(name_width)} {f.summary}")
-            lines += [f"{indent}{kind}: {text}" for kind, text in (("evidence", f.evidence), ("fix", f.fix)) if text]
+        lines += [f.lines(name_width) for f in self.findings]
         counts = ", ".join(f"{len(self.with_status(s))} {s.value}" for s in Status)
         lines.append(f"  {counts}")
         return "\n".join(lines)

@@ -102,7 +102,8 @@ def check(subject: Subject) -> Finding:
     labelled_starts = int((subject.batch["labels"][later_starts] != IGNORE_INDEX).sum())
     evidence = (
         f"row {row}, {len(documents)} documents: loss {packed:.4g} packed, {separate:.4g} one document at a time "
-        f"(relative difference {error:.1e}, tolerance {tolerance:g}); attention_mask "
+        + (f"(relative difference {error:.1e}, tolerance {tolerance:g})" if error > tolerance else f"(equal within {tolerance:g})")
+        + "; attention_mask "
         + ("absent" if mask is None else "all ones" if bool(mask[row].all()) else "given")
     )
     if error > tolerance:
