@@ -128,7 +128,8 @@ def table(rows: list[Row], versions: str) -> str:
     for r in rows:
         if r.alarms or r.unrun or r.error:
             cells = ["<br>".join(r.alarms), "<br>".join(r.unrun), r.error]
-            lines.append("| " + " | ".join([r.model_type, r.class_name, *(c.replace("|", "\\|") for c in cells)]) + " |")
+            escaped = [cell.replace("|", "\\|") for cell in cells]
+            lines.append("| " + " | ".join([r.model_type, r.class_name, *escaped]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -80,7 +80,8 @@ def check(subject: Subject) -> Finding:
         except Exception as error:  # the model's own refusal names what it misses
             return Finding(
                 CHECK, Status.PROBLEM, f"the forward fails without {name}",
-                f"{type(error).__name__}: {error}; with {name} built as the processor does: loss {float(loss_of(built)):.4g}",
+                f"{type(error).__name__}: {error}; "
+                f"with {name} built as the processor does: loss {float(loss_of(built)):.4g}",
                 f"keep {name} from the processor in every batch (a text collator drops it)",
             )
         # The logits show a changed mask even where a random model's loss barely moves.

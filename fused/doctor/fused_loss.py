@@ -33,7 +33,8 @@ def check(subject: Subject) -> Finding:
     before = [replace(report.calls) for report in reports]
     subject.loss(training=True)
     moved = [
-        (r.calls.fused - b.fused, r.calls.stock - b.stock, r.calls.fallback - b.fallback) for r, b in zip(reports, before)
+        (r.calls.fused - b.fused, r.calls.stock - b.stock, r.calls.fallback - b.fallback)
+        for r, b in zip(reports, before)
     ]
     evidence = "one training forward with labels: " + "; ".join(
         f"{r.model} {_describe(m)}" for r, m in zip(reports, moved)

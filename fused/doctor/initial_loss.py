@@ -39,7 +39,9 @@ def check(subject: Subject) -> Finding:
     loss = float(subject.loss())
     uniform = math.log(subject.vocab_size)
     ratio = loss / uniform
-    evidence = f"loss {loss:.4g} over {targets} targets; ln V = ln {subject.vocab_size} = {uniform:.4g}; ratio {ratio:.3f}"
+    evidence = (
+        f"loss {loss:.4g} over {targets} targets; ln V = ln {subject.vocab_size} = {uniform:.4g}; ratio {ratio:.3f}"
+    )
     weights = "pretrained" if subject.pretrained else "randomly initialised"
     if not math.isfinite(loss):
         return Finding(CHECK, Status.PROBLEM, "the loss is not finite", evidence, "look for inf/NaN weights or inputs")

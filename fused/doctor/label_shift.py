@@ -45,7 +45,9 @@ def check(subject: Subject) -> Finding:
     same, ahead, count = _shares(subject.batch[name], input_ids)
     if count == 0:
         return Finding(CHECK, Status.SKIPPED, f"{name} has no target before the last position")
-    evidence = f"{name} equal input_ids at {same:.1%} and input_ids one ahead at {ahead:.1%} of {count} labelled positions"
+    evidence = (
+        f"{name} equal input_ids at {same:.1%} and input_ids one ahead at {ahead:.1%} of {count} labelled positions"
+    )
     expected, wrong = (same, ahead) if name == "labels" else (ahead, same)
     if expected >= MATCH:
         return Finding(CHECK, Status.OK, f"{name} are aligned as the loss expects", evidence)

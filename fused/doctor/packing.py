@@ -59,7 +59,10 @@ def _remedies(inputs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     if "attention_mask" not in inputs:
         return [(no_cache, {**inputs, "use_cache": False})]
     unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    return [("drop attention_mask", unmasked), (f"drop attention_mask and {no_cache}", {**unmasked, "use_cache": False})]
+    return [
+        ("drop attention_mask", unmasked),
+        (f"drop attention_mask and {no_cache}", {**unmasked, "use_cache": False}),
+    ]
 
 
 def _loss_and_count(subject: Subject, inputs: dict[str, Any]) -> tuple[float, int]:
@@ -100,10 +103,12 @@ def check(subject: Subject) -> Finding:
     later_starts = starts.clone()
     later_starts[:, 0] = False
     labelled_starts = int((subject.batch["labels"][later_starts] != IGNORE_INDEX).sum())
+    agreement = f"relative difference {error:.1e}, tolerance {tolerance:g}" if error > tolerance else (
+        f"equal within {tolerance:g}"  # rounding-level differences depend on the CPU: not printed
+    )
     evidence = (
         f"row {row}, {len(documents)} documents: loss {packed:.4g} packed, {separate:.4g} one document at a time "
-        + (f"(relative difference {error:.1e}, tolerance {tolerance:g})" if error > tolerance else f"(equal within {tolerance:g})")
-        + "; attention_mask "
+        f"({agreement}); attention_mask "
         + ("absent" if mask is None else "all ones" if bool(mask[row].all()) else "given")
     )
     if error > tolerance:

@@ -68,7 +68,10 @@ def check(subject: Subject) -> Finding:
     scored = padding & (labels != IGNORE_INDEX)
     scored[..., 0] = False  # the first label of a row is never a target
     shared = bool(pad & eos)
-    evidence = f"{int(padding.sum())} padding positions, {int(scored.sum())} of them labelled; pad ids {sorted(pad)}, eos ids {sorted(eos)}"
+    evidence = (
+        f"{int(padding.sum())} padding positions, {int(scored.sum())} of them labelled; "
+        f"pad ids {sorted(pad)}, eos ids {sorted(eos)}"
+    )
     if scored.any():
         given = float(subject.loss())
         masked = float(subject.loss(subject.with_inputs(labels=labels.masked_fill(padding, IGNORE_INDEX))))
@@ -77,7 +80,8 @@ def check(subject: Subject) -> Finding:
             Status.PROBLEM,
             "padding positions are scored by the loss",
             f"{evidence}; loss {given:.4g} as given, {masked:.4g} with padding ignored",
-            "labels[attention_mask == 0] = -100" + (" (mask by attention_mask, not by the pad id: pad == eos)" if shared else ""),
+            "labels[attention_mask == 0] = -100"
+            + (" (mask by attention_mask, not by the pad id: pad == eos)" if shared else ""),
         )
     real_eos = ~padding & torch.isin(input_ids, torch.tensor(sorted(eos) or [-1], device=input_ids.device))
     real_eos[..., 0] = False
@@ -89,4 +93,5 @@ def check(subject: Subject) -> Finding:
             f"{evidence}; {int(real_eos.sum())} eos tokens inside the attention mask, all labelled -100",
             "mask padding by attention_mask (labels[attention_mask == 0] = -100), not by the pad id",
         )
-    return Finding(CHECK, Status.OK, "padding is ignored by the loss" if padding.any() else "no padding in the batch", evidence)
+    summary = "padding is ignored by the loss" if padding.any() else "no padding in the batch"
+    return Finding(CHECK, Status.OK, summary, evidence)

@@ -114,7 +114,9 @@ def _check_batch(batch: Any) -> dict[str, Any]:
             found = "missing" if value is None else f"a {type(value).__name__}"
             raise ValueError(f"batch[{name!r}] must be a tensor (B, T): it is {found}")
         if value.dim() != 2 or value.dtype.is_floating_point or value.dtype == torch.bool:
-            raise ValueError(f"batch[{name!r}] must be an integer tensor (B, T), got {value.dtype} {tuple(value.shape)}")
+            raise ValueError(
+                f"batch[{name!r}] must be an integer tensor (B, T), got {value.dtype} {tuple(value.shape)}"
+            )
     if batch["labels"].shape != batch["input_ids"].shape:
         raise ValueError(
             f"batch['labels'] has shape {tuple(batch['labels'].shape)}, input_ids {tuple(batch['input_ids'].shape)}"
@@ -136,7 +138,8 @@ def _random_batch(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _is_trainer(value: Any) -> bool:
-    return callable(getattr(value, "get_train_dataloader", None)) and isinstance(getattr(value, "model", None), nn.Module)
+    has_dataloader = callable(getattr(value, "get_train_dataloader", None))
+    return has_dataloader and isinstance(getattr(value, "model", None), nn.Module)
 
 
 def model_of(model_or_trainer: Any) -> Any:
@@ -157,7 +160,8 @@ def subject_of(model_or_trainer: Any, batch: Mapping[str, Any] | None, pretraine
     if batch is not None:
         given, source = _check_batch(batch), "the batch given"
     elif trainer is not None:
-        given, source = _check_batch(next(iter(trainer.get_train_dataloader()))), "a batch of the trainer's train dataloader"
+        given = _check_batch(next(iter(trainer.get_train_dataloader())))
+        source = "a batch of the trainer's train dataloader"
     else:
         given, source = None, "random tokens (no batch given)"
     device = next(model.parameters()).device
