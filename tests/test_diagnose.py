@@ -152,6 +152,7 @@ def test_loss_kwargs_reads_the_trainers_decision_and_batch(tmp_path):
     assert finding.status is Status.PROBLEM and "4x too large" in finding.summary
     assert finding.fix.startswith("trainer.model_accepts_loss_kwargs = False")
     assert diagnosis["padding"].status is Status.OK  # the dataset's padding carries -100 labels
+    assert not trainer.accelerator.gradient_state.in_dataloader  # the batch was taken without a trace
 
 
 # ---- label_shift --------------------------------------------------------------------------

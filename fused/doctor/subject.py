@@ -137,6 +137,20 @@ def _random_batch(model: nn.Module) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+def _first_batch(loader: Any) -> Any:
+    """The first batch of ``loader``, leaving no iteration open behind."""
+    iterator = iter(loader)
+    try:
+        return next(iterator)
+    finally:
+        # accelerate's prepared loaders register with the accelerator's GradientState when
+        # iteration starts and leave only when it ends: a loader left registered would count
+        # as the active one during training.
+        end = getattr(loader, "end", None)
+        if callable(end):
+            end()
+
+
 def _is_trainer(value: Any) -> bool:
     has_dataloader = callable(getattr(value, "get_train_dataloader", None))
     return has_dataloader and isinstance(getattr(value, "model", None), nn.Module)
@@ -160,7 +174,7 @@ def subject_of(model_or_trainer: Any, batch: Mapping[str, Any] | None, pretraine
     if batch is not None:
         given, source = _check_batch(batch), "the batch given"
     elif trainer is not None:
-        given = _check_batch(next(iter(trainer.get_train_dataloader())))
+        given = _check_batch(_first_batch(trainer.get_train_dataloader()))
         source = "a batch of the trainer's train dataloader"
     else:
         given, source = None, "random tokens (no batch given)"
