@@ -1,8 +1,9 @@
 """What the loss doctor examines: the model as the training loop calls it, one batch, and the
 trainer around them; with the one way every check runs the model.
 
-Every run goes through ``Subject.loss``: the model's own forward on (a variant of) the batch,
-under ``torch.no_grad`` and with the RNG reseeded, so two runs differ only in their inputs.
+Every run goes through ``Subject.output``: the model's own forward on (a variant of) the
+batch, under ``torch.no_grad`` and with the RNG reseeded, so two runs differ only in their
+inputs.
 ``diagnose`` holds the whole examination inside ``examining``, which puts back module modes,
 the RNG state and the patch's call counters afterwards.
 """
@@ -81,9 +82,8 @@ class Subject:
         return RERUN_TOLERANCE.get(next(self.model.parameters()).dtype, RERUN_TOLERANCE[torch.float32])
 
     def with_inputs(self, **changes: Any) -> dict[str, Any]:
-        """The batch with some inputs replaced; a value of None removes that input."""
-        inputs = {**self.batch, **changes}
-        return {name: value for name, value in inputs.items() if value is not None}
+        """The batch with some inputs replaced or added."""
+        return {**self.batch, **changes}
 
 
 def patch_reports(model: nn.Module) -> list:
