@@ -43,7 +43,7 @@ def check(subject: Subject) -> Finding:
     accumulates = steps is None or steps > 1 or processes > 1
     fix_target = "trainer.model_accepts_loss_kwargs" if trainer is not None else "model.accepts_loss_kwargs"
     if decision and not uses:
-        factor = f"{steps * processes}x" if steps is not None else "gradient_accumulation_steps x processes times"
+        factor = f"{steps * processes}x" if steps is not None else "gradient_accumulation_steps times"
         return Finding(
             CHECK,
             Status.PROBLEM if accumulates else Status.WARNING,
