@@ -11,6 +11,7 @@ non-zero size. Screenshots go to ``book/_build/screenshots/``.
 from __future__ import annotations
 
 import functools
+import html.parser
 import http.server
 import json
 import os
@@ -159,6 +160,71 @@ def test_bibliography_lists_every_source(site):
     assert len(entries) > 0
     assert page.count('role="doc-biblioentry"') == len(entries)
 
+
+
+class _ProseOutsideMaths(html.parser.HTMLParser):
+    """The text a reader sees as prose: outside maths, code, scripts and styles.
+
+    Sphinx writes maths as ``<span class="math ...">`` or ``<div class="math ...">`` holding
+    the TeX for MathJax; anything TeX-like outside those elements stays raw on the page.
+    """
+
+    SKIP_TAGS = {"script", "style", "pre", "code", "head", "textarea"}
+    VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, bool]] = []
+        self.prose: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self.VOID_TAGS:
+            return
+        classes = (dict(attrs).get("class") or "").split()
+        skipped = bool(self.stack) and self.stack[-1][1]
+        self.stack.append((tag, skipped or tag in self.SKIP_TAGS or "math" in classes))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self.stack:
+            if self.stack.pop()[0] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if not (self.stack and self.stack[-1][1]):
+            self.prose.append(data)
+
+
+# A TeX command (\varepsilon, \frac ...) or a maths delimiter left in the prose.
+RAW_TEX = re.compile(r"\\[A-Za-z]+|\\[()\[\]]|\$\$")
+
+
+def _raw_tex(page: Path) -> list[str]:
+    parser = _ProseOutsideMaths()
+    parser.feed(page.read_text())
+    text = " ".join(parser.prose)
+    return [text[max(0, m.start() - 40) : m.end() + 40] for m in RAW_TEX.finditer(text)]
+
+
+def test_no_raw_tex_outside_maths(site):
+    # A wrapped line of a formula that starts with "- " or "+ " becomes a list item and its
+    # TeX is printed as text; MathJax never sees it, so only the HTML shows it.
+    pages = [site / "intro.html", *(site / _page_name(nb) for nb in _notebooks())]
+    found = {page.name: hits for page in pages if (hits := _raw_tex(page))}
+    assert not found, f"raw TeX outside maths: {found}"
+
+
+def test_raw_tex_check_sees_a_broken_formula(tmp_path):
+    # The check itself: notebook 05's summary once rendered like this (a wrapped line of
+    # inline maths starting "- \\varepsilon/V" became a bullet), while typeset maths and
+    # code pass.
+    page = tmp_path / "page.html"
+    page.write_text(
+        '<p>applies <span class="math notranslate nohighlight">\\(g\\,(p - 1)\\)</span></p>'
+        "<pre>print(r'\\n')</pre><ul><li><p>\\varepsilon/V) + h\\,p</p></li></ul>"
+    )
+    assert len(_raw_tex(page)) == 1 and "varepsilon" in _raw_tex(page)[0]
+    page.write_text('<div class="math notranslate nohighlight">\\[\\frac{1}{N}\\]</div><code>\\x</code>')
+    assert _raw_tex(page) == []
 
 @dataclass
 class PageReport:
