@@ -334,16 +334,29 @@ def write_tables(results: list[Result], output_dir: Path = OUTPUT_DIR) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_types", nargs="*", help="only these model types (default: all)")
+def selection_parser(description: str, scope: str) -> argparse.ArgumentParser:
+    """The command line the harness's runs share: the model types to run (default: ``scope``),
+    the worker processes, the folder the tables go to."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("model_types", nargs="*", help=f"only these model types (default: {scope})")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=int, default=90, help="seconds per architecture")
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR)
-    args = parser.parse_args(argv)
-    items = [a for a in architectures() if not args.model_types or a[0] in args.model_types]
+    return parser
+
+
+def selected(parser: argparse.ArgumentParser, args: argparse.Namespace, candidates: list[tuple]) -> list[tuple]:
+    """The ``candidates`` (tuples starting with a model type) the command line asked for."""
+    items = [a for a in candidates if not args.model_types or a[0] in args.model_types]
     if not items:
-        parser.error(f"no architecture matches {args.model_types}")
+        parser.error(f"no architecture among the candidates matches {args.model_types}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = selection_parser(__doc__.split("\n\n")[0], "all")
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per architecture")
+    args = parser.parse_args(argv)
+    items = selected(parser, args, architectures())
     start = time.perf_counter()
     results = run(items, args.workers, args.timeout)
     write_tables(results, args.output_dir)

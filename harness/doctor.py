@@ -12,7 +12,6 @@ token-type inputs its processor would add. Every warning or problem is a false a
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import sys
@@ -20,6 +19,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from harness.architectures import selected, selection_parser
 
 OUTPUT_DIR = Path(__file__).resolve().parent
 BATCH, LENGTH, PADDING = 2, 12, 3
@@ -146,14 +147,9 @@ def table(rows: list[Row], versions: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_types", nargs="*", help="only these model types (default: all patched)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR)
+    parser = selection_parser(__doc__.split("\n\n")[0], "all patched")
     args = parser.parse_args(argv)
-    items = [a for a in patched_architectures() if not args.model_types or a[0] in args.model_types]
-    if not items:
-        parser.error(f"no patched architecture matches {args.model_types}")
+    items = selected(parser, args, patched_architectures())
     start = time.perf_counter()
     rows = []
     with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=20) as pool:
