@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from reference.input_checks import check_size
 from reference.linear_cross_entropy import (
     LossOptions,
     prepare_inputs,
@@ -150,14 +151,6 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def check_size(name: str, value: int) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a positive int."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def chunked_linear_cross_entropy(

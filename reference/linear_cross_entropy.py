@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from reference.causal_lm_loss import shift_labels
+from reference.logsumexp import REDUCTIONS
 
-REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -62,81 +61,28 @@ class LossOptions:
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
 
 
-class LabelCheck:
-    """The check that every label lies in ``[0, V)`` or is ``ignore_index``, and the number of
-    targets that are not ``ignore_index``: reduced on the labels' device, read by the host
-    once, by ``read()``.
+def bad_labels(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """Boolean mask, shaped like ``labels``, of the values outside ``[0, vocab)`` that are not
+    ``ignore_index``."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
 
-    Reading waits for the device. Started here, the copy of the two numbers to the host is
-    queued behind the work already queued (on CUDA into pinned memory, without waiting), so
-    a caller can queue more work before it reads, and the device does not sit idle meanwhile.
-    """
 
-    def __init__(self, labels: Tensor, targets: Tensor, vocab: int, ignore_index: int) -> None:
-        self._labels, self._vocab, self._ignore_index = labels, vocab, ignore_index
-        summary = torch.stack([self._bad().any().long(), (targets != ignore_index).sum()])
-        self._ready = None
-        if summary.is_cuda:
-            self._host = torch.empty(2, dtype=torch.long, pin_memory=True).copy_(summary, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(summary.device))
-        else:
-            self._host = summary
-        self._valid_tokens: int | None = None
-
-    def _bad(self) -> Tensor:
-        labels = self._labels
-        return (labels != self._ignore_index) & ((labels < 0) | (labels >= self._vocab))
-
-    def read(self) -> int:
-        """The number of valid targets; raises ``ValueError`` naming a bad label instead."""
-        if self._valid_tokens is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-            any_bad, valid_tokens = self._host.tolist()
-            if any_bad:
-                first = self._labels[self._bad()][0].item()
-                raise ValueError(
-                    f"labels must lie in [0, {self._vocab}) or equal ignore_index={self._ignore_index}; found {first}"
-                )
-            self._valid_tokens = valid_tokens
-        return self._valid_tokens
+def bad_label_error(first_bad: int, vocab: int, ignore_index: int) -> ValueError:
+    """The error for a label value outside ``[0, vocab)`` that is not ``ignore_index``."""
+    return ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first_bad}")
 
 
 @dataclass(frozen=True)
 class FlatProblem:
-    """Inputs reshaped to rows: ``hidden (N, D)``, ``weight``, ``bias``, and the caller's
-    ``labels`` (int64, on hidden's device), from which ``targets (N,)`` and ``label_check`` are made
-    when first used: a caller may queue work that does not need them first."""
+    """Inputs reshaped to rows: ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)`` or None,
+    ``targets (N,)`` int64 on hidden's device (the labels, shifted when asked), and
+    ``batch_shape``, the labels' shape (that of ``reduction='none'`` losses and of the lse)."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
-    labels: Tensor
-    shift: bool
-    ignore_index: int
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        """The labels' shape: that of ``reduction='none'`` losses and of the lse."""
-        return self.labels.shape
-
-    @cached_property
-    def targets(self) -> Tensor:
-        """``(N,)`` int64, contiguous: the labels, shifted when ``shift``."""
-        labels = self.labels
-        targets = shift_labels(labels, ignore_index=self.ignore_index) if self.shift else labels
-        return targets.reshape(-1).contiguous()
-
-    @cached_property
-    def label_check(self) -> LabelCheck:
-        """The labels' check, queued on the device when first used."""
-        return LabelCheck(self.labels, self.targets, self.weight.shape[0], self.ignore_index)
-
-    @property
-    def valid_tokens(self) -> int:
-        """Read on the host with the labels' check (the first time, a wait for the device)."""
-        return self.label_check.read()
+    targets: Tensor
+    batch_shape: torch.Size
 
 
 def check_shift(shift: bool) -> None:
@@ -146,7 +92,7 @@ def check_shift(shift: bool) -> None:
         raise TypeError(f"shift must be True or False, got {shift!r}")
 
 
-def prepare_inputs(
+def check_inputs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -155,20 +101,14 @@ def prepare_inputs(
     *,
     shift: bool = False,
     num_items_in_batch: int | Tensor | None = None,
-    defer_label_check: bool = False,
-) -> FlatProblem:
-    """Validate the inputs of a linear cross entropy and flatten them to rows.
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the offending argument unless the arguments
+    make a linear cross entropy; everything but the labels' values, which need their device.
 
     ``hidden``: ``(N, D)`` or ``(B, T, D)`` float16/bfloat16/float32/float64.
     ``weight``: ``(V, D)`` of the same dtype and device; ``bias``: ``(V,)`` or None.
-    ``labels``: integer tensor shaped like ``hidden`` without its last dimension, values in
-    ``[0, V)`` or ``ignore_index``, on any device. With ``shift=True`` the labels are transformers' unshifted
-    labels: the target of row ``t`` is ``labels[..., t + 1]``, the last row of each sequence is
-    ignored, and no shifted copy of ``hidden`` is made.
-    Raises ``ValueError``/``TypeError`` naming the offending argument. With
-    ``defer_label_check`` nothing is computed from the labels yet (no work queued on the
-    device) and a bad label value raises only when the result's ``label_check`` is read: the
-    caller must read it before it returns anything computed from these labels.
+    ``labels``: integer tensor shaped like ``hidden`` without its last dimension, on any device.
+    ``num_items_in_batch``: None, a Python number or a one-element tensor.
     """
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
@@ -215,18 +155,39 @@ def prepare_inputs(
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
             raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {type(num_items_in_batch).__name__}")
 
+
+
+def prepare_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    options: LossOptions,
+    *,
+    shift: bool = False,
+    num_items_in_batch: int | Tensor | None = None,
+) -> FlatProblem:
+    """Validate the inputs of a linear cross entropy (``check_inputs``, then every label in
+    ``[0, V)`` or ``ignore_index``) and flatten them to rows.
+
+    With ``shift=True`` the labels are transformers' unshifted labels: the target of row ``t``
+    is ``labels[..., t + 1]``, the last row of each sequence is ignored, and no shifted copy of
+    ``hidden`` is made.
+    """
+    check_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
     # As in transformers, labels follow the logits to their device.
-    p = FlatProblem(
+    labels = labels.to(device=hidden.device, dtype=torch.long)
+    bad = bad_labels(labels, weight.shape[0], options.ignore_index)
+    if bad.any():
+        raise bad_label_error(labels[bad][0].item(), weight.shape[0], options.ignore_index)
+    targets = shift_labels(labels, ignore_index=options.ignore_index) if shift else labels
+    return FlatProblem(
         hidden=hidden.reshape(-1, hidden.shape[-1]),
         weight=weight,
         bias=bias,
-        labels=labels.to(device=hidden.device, dtype=torch.long),
-        shift=shift,
-        ignore_index=options.ignore_index,
+        targets=targets.reshape(-1),
+        batch_shape=labels.shape,
     )
-    if not defer_label_check:
-        p.label_check.read()
-    return p
 
 
 def transform_logits(logits: Tensor, options: LossOptions) -> Tensor:

@@ -18,7 +18,6 @@ summed loss adds up), plus rtol 1e-6; gradients to rtol 1e-5 plus atol 2e-5 * ma
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -27,9 +26,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused.linear_cross_entropy import linear_cross_entropy
+from fused import api, ops, tiles
+from fused.api import linear_cross_entropy
+from fused.problem import LabelCheck, tile_problem
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
-from reference.linear_cross_entropy import LabelCheck, LossOptions, transform_logits
+from reference.linear_cross_entropy import LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
 from loss_tolerances import forward_atols
@@ -40,8 +41,6 @@ from loss_tolerances import forward_atols
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
 
 
-# The module, not the function of the same name that fused/__init__ exports.
-fused_module = importlib.import_module("fused.linear_cross_entropy")
 
 IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
@@ -263,14 +262,14 @@ def test_forward_gradients_become_grad_without_a_copy(monkeypatch):
     # The point of gradients in the forward pass is memory: the V x D weight gradient must
     # become weight.grad itself, not a copy of it.
     made = {}
-    run_tiles = fused_module._run_tiles
+    run_tiles = tiles.run_tiles
 
     def spy(*args, **kwargs):
         out = run_tiles(*args, **kwargs)
         made.update(hidden=out.hidden.data_ptr(), weight=out.weight.data_ptr())
         return out
 
-    monkeypatch.setattr(fused_module, "_run_tiles", spy)
+    monkeypatch.setattr(ops, "run_tiles", spy)
     hidden, weight, _, labels = make_problem(seed=15)
     triton_path(hidden, weight, labels).backward()
     assert hidden.grad.data_ptr() == made["hidden"] and weight.grad.data_ptr() == made["weight"]
@@ -278,8 +277,8 @@ def test_forward_gradients_become_grad_without_a_copy(monkeypatch):
 
 def test_no_grad_computes_no_gradients(monkeypatch):
     calls = []
-    run_tiles = fused_module._run_tiles
-    monkeypatch.setattr(fused_module, "_run_tiles", lambda *a, **k: calls.append(k["wanted"]) or run_tiles(*a, **k))
+    run_tiles = tiles.run_tiles
+    monkeypatch.setattr(ops, "run_tiles", lambda *a, **k: calls.append(k["wanted"]) or run_tiles(*a, **k))
     hidden, weight, _, labels = make_problem(seed=16)
     with torch.no_grad():
         loss = triton_path(hidden, weight, labels)
@@ -375,12 +374,27 @@ def test_a_bad_label_raises_whether_or_not_gradients_are_wanted(kwargs, grad):
         triton_path(hidden, weight, labels, **kwargs)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_deferred_label_check_raises_when_read(shift):
+    hidden, weight, _, labels = make_problem((2, 5), 4, 11, ignore_frac=0.0, seed=23)
+    labels[1, 0] = IGNORE
+    problem = tile_problem(hidden, weight, labels, None, LossOptions(), shift=shift, num_items_in_batch=None)
+    # Unshifted, 10 labels less the ignored one; shifted, each row's first label (the ignored
+    # one among them) is no target and its last target is ignored: 2 * 4.
+    assert problem.valid_tokens == (8 if shift else 9) and problem.label_check.read() == problem.valid_tokens
+    labels[0, 0] = 12  # a first label: not a target after the shift, still checked
+    problem = tile_problem(hidden, weight, labels, None, LossOptions(), shift=shift, num_items_in_batch=None)
+    for _ in range(2):  # every read raises, not only the first
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
+            problem.valid_tokens
+
+
 def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monkeypatch):
     # The labels' operations and the check's read cost host time, and the read waits for the
     # device: done first, they would leave the GPU idle before the first product.
     events = []
-    logits_tile, check_init, read = fused_module._logits_tile, LabelCheck.__init__, LabelCheck.read
-    monkeypatch.setattr(fused_module, "_logits_tile", lambda *a: events.append("logits") or logits_tile(*a))
+    logits_tile, check_init, read = tiles.logits_tile, LabelCheck.__init__, LabelCheck.read
+    monkeypatch.setattr(tiles, "logits_tile", lambda *a: events.append("logits") or logits_tile(*a))
     monkeypatch.setattr(LabelCheck, "__init__", lambda self, *a: events.append("check") or check_init(self, *a))
     monkeypatch.setattr(LabelCheck, "read", lambda self: events.append("read") or read(self))
     hidden, weight, _, labels = make_problem(seed=22)
@@ -389,7 +403,7 @@ def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monke
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(fused_module, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(api, "KERNELS_INTERPRETED", False)
     hidden, weight, _, labels = make_problem(seed=20)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         triton_path(hidden, weight, labels)

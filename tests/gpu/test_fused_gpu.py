@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fused import linear_cross_entropy
-from fused.kernels.launch import statistics_bytes
+from fused.plan import statistics_bytes
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
@@ -185,9 +185,9 @@ def test_anchor_call_and_peak_memory():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = (n + vocab) * d * 2
-    from fused.kernels.launch import DEFAULT_MEMORY_BUDGET, plan_tiles
+    from fused.plan import DEFAULT_MEMORY_BUDGET, tile_plan
 
-    plan = plan_tiles(n, vocab, d, 2, None, None)
+    plan = tile_plan(n, vocab, d, 2)
     accumulator = plan.rows * d * 4 if plan.cols < vocab else 0
     formula = plan.rows * plan.cols * 2 + accumulator + 64 * n
     assert plan.rows * plan.cols * 2 + accumulator <= DEFAULT_MEMORY_BUDGET
