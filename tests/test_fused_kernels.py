@@ -21,12 +21,14 @@ from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.upstream_scale import scale_unless_one
+from problems import DEVICE, random_like
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
-# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
-# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
-# tests/gpu checks them there at real shapes and dtypes.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+# On a GPU machine these run the compiled kernels on CUDA tensors; elsewhere the kernels run
+# on CPU tensors through Triton's interpreter (conftest switches it on). tests/gpu adds real
+# shapes and 16-bit dtypes.
+
+pytestmark = pytest.mark.usefixtures("on_the_suites_device")
 
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -38,8 +40,8 @@ TRANSFORMS = {
 
 def tile_problem(rows=6, vocab=70, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=gen) * 4
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    logits = (torch.randn(rows, vocab, generator=gen, device="cpu") * 4).to(DEVICE)
+    targets = torch.randint(0, vocab, (rows,), generator=gen, device="cpu").to(DEVICE)
     targets[1] = -100
     return logits, targets
 
@@ -83,8 +85,7 @@ def test_gradient_of_a_vocabulary_block(name):
     # transform and token_losses, for random upstream gradients of the loss and of the lse.
     options = TRANSFORMS[name]
     logits, targets = tile_problem()
-    gen = torch.Generator().manual_seed(1)
-    loss_grad, lse_grad = torch.randn(2, logits.shape[0], generator=gen)
+    loss_grad, lse_grad = random_like((2, logits.shape[0]), seed=1)
     x = logits.clone().requires_grad_()
     losses, lse = token_losses(transform_logits(x, options), targets, options)
     (expected,) = torch.autograd.grad((losses * loss_grad).sum() + (lse * lse_grad).sum(), x)

@@ -33,16 +33,18 @@ from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
+import problems
 from loss_tolerances import forward_atols
+from problems import DEVICE, IGNORE, random_like
 
-# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
-# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
-# tests/gpu checks them there at real shapes and dtypes.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+# On a GPU machine these run the compiled kernels on CUDA tensors; elsewhere the kernels run
+# on CPU tensors through Triton's interpreter (conftest switches it on). tests/gpu adds real
+# shapes and 16-bit dtypes.
+
+pytestmark = pytest.mark.usefixtures("on_the_suites_device")
 
 
 
-IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
 N, D, V = 37, 24, 101
 OPTIONS = {
@@ -71,17 +73,9 @@ def triton_path(*args, **kwargs):
     return linear_cross_entropy(*args, backend="triton", **kwargs)
 
 
-def make_problem(shape=(N,), dim=D, vocab=V, *, bias=False, ignore_frac=0.25, logit_std=3.0, seed=0, requires_grad=True):
-    """hidden ``shape + (dim,)``, weight ``(vocab, dim)``, bias ``(vocab,)`` or None, labels ``shape``;
-    logits about N(0, logit_std**2), a fraction ``ignore_frac`` of the labels ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) * (logit_std / dim**0.5)
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels[torch.rand(shape, generator=gen) < ignore_frac] = IGNORE
-    tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (hidden, weight, b)]
-    return (*tensors, labels)
+def make_problem(shape=(N,), dim=D, vocab=V, **kwargs):
+    """``problems.make_problem`` with this module's default shape."""
+    return problems.make_problem(shape, dim, vocab, **kwargs)
 
 
 def outputs(fn, hidden, weight, bias, labels, upstream=None, lse_upstream=None, **kwargs):
@@ -146,8 +140,7 @@ def test_tile_plans(tiles, return_lse):
 
 def test_reduction_none_with_every_tile_plan():
     hidden, weight, b, labels = make_problem(bias=True, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    upstream, lse_upstream = torch.randn(2, N, generator=gen)
+    upstream, lse_upstream = random_like((2, N), seed=4)
     for tiles in TILES.values():
         assert_matches_contract(hidden, weight, b, labels, tiles=tiles, upstream=upstream, lse_upstream=lse_upstream,
                                 reduction="none", return_lse=True, **OPTIONS["all"])
@@ -212,9 +205,7 @@ def test_any_subset_of_inputs_requires_grad(requires):
 
 
 def test_float64_compute_dtype():
-    gen = torch.Generator().manual_seed(11)
-    hidden, weight = torch.randn(N, D, generator=gen, dtype=torch.float64), torch.randn(V, D, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, V, (N,), generator=gen)
+    hidden, weight, _, labels = make_problem(dtype=torch.float64, ignore_frac=0.0, seed=11, requires_grad=False)
     ours = triton_path(hidden, weight, labels, compute_dtype=torch.float64, reduction="none")
     exact = chunked_linear_cross_entropy(hidden, weight, labels, compute_dtype=torch.float64, reduction="none")
     assert ours.dtype == torch.float64
@@ -420,15 +411,12 @@ def test_peak_memory_follows_the_formula(dtype):
     # On CPU, adding the float16 partial product into the float32 accumulator upcasts it
     # through a temporary of the accumulator's size (CUDA casts on the fly): counted too.
     n, d, vocab, cols = 128, 16, 1024, 256
-    gen = torch.Generator().manual_seed(21)
-    hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
-    weight = torch.randn(vocab, d, generator=gen).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    hidden, weight, _, labels = make_problem((n,), d, vocab, dtype=dtype, ignore_frac=0.0, logit_std=d**0.5, seed=21)
 
     def forward_backward():
         triton_path(hidden, weight, labels, vocab_chunk_size=cols).backward()
 
-    peak = peak_memory_bytes(forward_backward)
+    peak = peak_memory_bytes(forward_backward, DEVICE)
     size = hidden.element_size()
     grads = (n + vocab) * d * size
     accumulator = n * d * 4 if size < 4 else 0
@@ -443,10 +431,7 @@ def test_float16_gradients_meet_the_precision_rule():
     # interpreter (its float32 -> float16 rounding is torch's), so the accumulation of
     # grad_hidden over vocabulary blocks and over row chunks is checked here too.
     n, d, vocab = 96, 32, 1000
-    gen = torch.Generator().manual_seed(22)
-    hidden = torch.randn(n, d, generator=gen)
-    weight = torch.randn(vocab, d, generator=gen) * (4.0 / d**0.5)
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    hidden, weight, _, labels = make_problem((n,), d, vocab, ignore_frac=0.0, logit_std=4.0, seed=22, requires_grad=False)
     labels[::7] = IGNORE
 
     def grads(fn, dtype):
@@ -484,6 +469,6 @@ def test_float16_gradients_meet_the_precision_rule():
 def test_matches_contract_property(n, vocab, dim, seed, ignore_frac, option, chunk_size, vocab_chunk_size, return_lse):
     hidden, weight, b, labels = make_problem((n,), dim, vocab, bias=seed % 2 == 0, ignore_frac=ignore_frac, seed=seed)
     kwargs = dict(OPTIONS[option])
-    upstream = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if kwargs.get("reduction") == "none" else None
+    upstream = random_like(n, seed) if kwargs.get("reduction") == "none" else None
     tiles = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
     assert_matches_contract(hidden, weight, b, labels, tiles=tiles, upstream=upstream, return_lse=return_lse, **kwargs)

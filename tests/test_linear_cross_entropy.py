@@ -19,22 +19,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from problems import IGNORE, make_problem
 from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, prepare_inputs
 
-IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def make_problem(shape=(2, 9), dim=8, vocab=13, *, dtype=torch.float32, bias=False, ignore_frac=0.25, seed=0):
-    """hidden ``shape + (dim,)``, weight ``(vocab, dim)``, bias or None, labels ``shape``; logits ~ N(0, 9)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) * (3 / dim**0.5)
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels[torch.rand(shape, generator=gen) < ignore_frac] = IGNORE
-    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    return (*leaves, labels)
 
 
 def grads_of(loss, *inputs):
