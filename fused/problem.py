@@ -34,7 +34,7 @@ class LabelCheck:
         summary = torch.stack([bad_labels(labels, vocab, ignore_index).any().long(), (targets != ignore_index).sum()])
         self._ready = None
         if summary.is_cuda:
-            self._host = torch.empty(2, dtype=torch.long, pin_memory=True).copy_(summary, non_blocking=True)
+            self._host = torch.empty(2, dtype=torch.long, device="cpu", pin_memory=True).copy_(summary, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(summary.device))
         else:

@@ -297,7 +297,7 @@ def test_non_contiguous_inputs():
 
 
 def test_cpu_tensors_use_the_chunked_reference_by_default():
-    hidden, weight, b, labels = make_problem(bias=True, seed=18)
+    hidden, weight, b, labels = make_problem(bias=True, seed=18, device="cpu")
     for kwargs in ({}, {"chunk_size": 5, "reduction": "none", "return_lse": True}):
         auto = outputs(linear_cross_entropy, hidden, weight, b, labels, **kwargs)
         chunked = outputs(chunked_linear_cross_entropy, hidden, weight, b, labels, **kwargs)
@@ -308,7 +308,7 @@ def test_cpu_tensors_use_the_chunked_reference_by_default():
 
 def _bad(**changes):
     """Arguments of a valid call with ``changes`` applied."""
-    hidden, weight, _, labels = make_problem(seed=19, requires_grad=False)
+    hidden, weight, _, labels = make_problem(seed=19, requires_grad=False, device="cpu")
     return {"hidden": hidden, "weight": weight, "labels": labels, **changes}
 
 
@@ -346,6 +346,8 @@ def test_bad_inputs(name, backend):
     kwargs, error, message = BAD_INPUTS[name]
     if name == "backend":
         backend = kwargs["backend"]
+    # The table is built on the CPU at import; the call runs where the suite's kernels run.
+    kwargs = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
     kwargs = {**kwargs, "backend": backend}
     with pytest.raises(error, match=message):
         linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("labels"), **kwargs)
@@ -395,7 +397,7 @@ def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monke
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setattr(api, "KERNELS_INTERPRETED", False)
-    hidden, weight, _, labels = make_problem(seed=20)
+    hidden, weight, _, labels = make_problem(seed=20, device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         triton_path(hidden, weight, labels)
 
