@@ -16,7 +16,7 @@ from fused.ops import LossInputs, fused_loss
 from fused.plan import reference_chunk_rows
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
 from reference.input_checks import check_size
-from reference.linear_cross_entropy import LossOptions, check_inputs, check_shift
+from reference.linear_cross_entropy import LossArguments, check_inputs, check_shift, takes_loss_arguments
 
 BACKENDS = ("auto", "triton", "reference")
 # Set at import: triton.jit reads TRITON_INTERPRET when the kernels are defined.
@@ -52,21 +52,13 @@ def _computes_as_autocast_would(function: Callable) -> Callable:
 
 
 @_computes_as_autocast_would
+@takes_loss_arguments
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    arguments: LossArguments,
     *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    reduction: str = "mean",
-    num_items_in_batch: int | float | Tensor | None = None,
-    label_smoothing: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    z_loss: float = 0.0,
-    return_lse: bool = False,
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -99,8 +91,9 @@ def linear_cross_entropy(
     matmuls in the autocast dtype (float32 ``hidden``, ``weight`` and ``bias`` are cast to it;
     the gradients reach them in float32), the statistics in float32.
     """
-    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    check_shift(shift)
+    bias, num_items_in_batch = arguments.bias, arguments.num_items_in_batch
+    options = arguments.options()
+    check_shift(arguments.shift)
     for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size), ("memory_budget", memory_budget)):
         if size is not None:
             check_size(name, size)
@@ -114,10 +107,8 @@ def linear_cross_entropy(
         backend = "triton" if isinstance(hidden, Tensor) and hidden.is_cuda else "reference"
     if backend == "reference":
         return _reference_path(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, reduction=reduction,
-            num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing, softcap=softcap,
-            logit_scale=logit_scale, z_loss=z_loss, return_lse=return_lse, compute_dtype=compute_dtype,
-            chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, memory_budget=memory_budget,
+            hidden, weight, labels, arguments, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+            memory_budget=memory_budget, compute_dtype=compute_dtype,
         )
 
     count_is_number = isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool)
@@ -128,32 +119,33 @@ def linear_cross_entropy(
     )
     if not op_types_fit:
         # The op's schema would reject these with a generic message; the contract names them.
-        check_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
+        check_inputs(hidden, weight, labels, bias, options, shift=arguments.shift, num_items_in_batch=num_items_in_batch)
     if not hidden.is_cuda and not KERNELS_INTERPRETED:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got {hidden.device}; to run the kernels on CPU set "
             "TRITON_INTERPRET=1 before importing fused"
         )
 
-    grads_in_forward = reduction != "none" and not return_lse and torch.is_grad_enabled()
+    grads_in_forward = options.reduction != "none" and not arguments.return_lse and torch.is_grad_enabled()
     flags = [grads_in_forward and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, lse = fused_loss(LossInputs(
         hidden, weight, labels, bias,
         num_items=num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None,
         num_items_value=float(num_items_in_batch) if count_is_number else None,
-        ignore_index=ignore_index, shift=shift, reduction=reduction, label_smoothing=float(label_smoothing),
-        softcap=None if softcap is None else float(softcap),
-        logit_scale=None if logit_scale is None else float(logit_scale),
-        z_loss=float(z_loss), chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        ignore_index=options.ignore_index, shift=arguments.shift, reduction=options.reduction,
+        label_smoothing=float(options.label_smoothing),
+        softcap=None if options.softcap is None else float(options.softcap),
+        logit_scale=None if options.logit_scale is None else float(options.logit_scale),
+        z_loss=float(options.z_loss), chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
         memory_budget=memory_budget, compute_dtype=compute_dtype,
         grad_hidden=flags[0], grad_weight=flags[1], grad_bias=flags[2],
     ))
-    return (loss, lse) if return_lse else loss
+    return (loss, lse) if arguments.return_lse else loss
 
 
 def _reference_path(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_size: int | None, vocab_chunk_size: int | None,
-    memory_budget: int | None, compute_dtype: torch.dtype, **loss_arguments,
+    hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments, *, chunk_size: int | None,
+    vocab_chunk_size: int | None, memory_budget: int | None, compute_dtype: torch.dtype,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``reference.chunked_cross_entropy`` with the public function's memory knobs."""
     if vocab_chunk_size is not None:
@@ -168,5 +160,5 @@ def _reference_path(
         )
     return chunked_linear_cross_entropy(
         hidden, weight, labels, compute_dtype=compute_dtype, **({} if chunk_size is None else {"chunk_size": chunk_size}),
-        **loss_arguments,
+        **arguments._asdict(),
     )

@@ -29,10 +29,12 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from reference.input_checks import check_size
 from reference.linear_cross_entropy import (
+    LossArguments,
     LossOptions,
     prepare_inputs,
     reduce_losses,
     token_losses,
+    takes_loss_arguments,
     transform_logits,
 )
 
@@ -153,27 +155,19 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+@takes_loss_arguments
 def chunked_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    arguments: LossArguments,
     *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    label_smoothing: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    z_loss: float = 0.0,
-    return_lse: bool = False,
     chunk_size: int = 1024,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``reference.linear_cross_entropy`` computed ``chunk_size`` tokens at a time.
 
-    Same arguments, shapes, validation, values and returns as the contract: ``hidden (N, D)``
+    Same arguments (``LossArguments``), shapes, validation, values and returns as the contract: ``hidden (N, D)``
     or ``(B, T, D)`` in float16/bfloat16/float32/float64, ``weight (V, D)`` and ``bias (V,)``
     of the same dtype, ``labels`` shaped like ``hidden[..., 0]``; returns the loss (0-d, or
     shaped like ``labels`` for ``reduction='none'``) and with ``return_lse=True`` the lse
@@ -203,13 +197,13 @@ def chunked_linear_cross_entropy(
     Measured with ``reference.peak_memory``, float32, no transforms: forward ``2 * C * V * 4``,
     backward ``C * V * 4`` plus the gradients; the contract's autograd needs ``5 * N * V * 4``.
     """
-    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    options = arguments.options()
     check_size("chunk_size", chunk_size)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
-    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
+    problem = prepare_inputs(hidden, weight, labels, arguments)
     losses, lse = ChunkedLinearCrossEntropyFunction.apply(
-        p.hidden, p.weight, p.bias, p.targets, options, chunk_size, compute_dtype
+        problem.hidden, problem.weight, problem.bias, problem.targets, options, chunk_size, compute_dtype
     )
-    loss = reduce_losses(losses, p.targets, options, num_items_in_batch, p.batch_shape)
-    return (loss, lse.reshape(p.batch_shape)) if return_lse else loss
+    loss = reduce_losses(losses, problem.targets, options, arguments.num_items_in_batch, problem.batch_shape)
+    return (loss, lse.reshape(problem.batch_shape)) if arguments.return_lse else loss

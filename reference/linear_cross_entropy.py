@@ -17,8 +17,11 @@ otherwise the mean over valid tokens (NaN when there are none, as in transformer
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,56 @@ class LossOptions:
             raise ValueError(f"logit_scale must be finite and non-zero (or None), got {self.logit_scale}")
         if not self.z_loss >= 0:
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+
+
+class LossArguments(NamedTuple):
+    """The keyword arguments of a linear cross entropy, declared once for every version of
+    it (this contract, the chunked reference and the fused op): ``takes_loss_arguments``
+    gives each function these keywords, with these defaults, in its signature."""
+
+    bias: Tensor | None = None
+    ignore_index: int = -100
+    shift: bool = False
+    reduction: str = "mean"
+    num_items_in_batch: int | float | Tensor | None = None
+    label_smoothing: float = 0.0
+    softcap: float | None = None
+    logit_scale: float | None = None
+    z_loss: float = 0.0
+    return_lse: bool = False
+
+    def options(self) -> LossOptions:
+        """The options that change the loss's value, validated."""
+        return LossOptions(
+            self.ignore_index, self.reduction, self.label_smoothing, self.softcap, self.logit_scale, self.z_loss
+        )
+
+
+def takes_loss_arguments(function: Callable) -> Callable:
+    """Make ``function(hidden, weight, labels, arguments, *, <its own knobs>)`` callable as
+    ``function(hidden, weight, labels, *, <LossArguments' keywords>, <its own knobs>)``, with
+    that signature for ``help`` and ``inspect``, and Python's ``TypeError`` for an unknown
+    keyword."""
+    own = inspect.signature(function)
+    positional = [own.parameters[name] for name in ("hidden", "weight", "labels")]
+    knobs = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    hints = get_type_hints(LossArguments)
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[name])
+        for name, default in LossArguments._field_defaults.items()
+    ]
+    accepted = set(LossArguments._fields) | {p.name for p in knobs}
+
+    @functools.wraps(function)
+    def call(hidden, weight, labels, **keywords):
+        unknown = keywords.keys() - accepted
+        if unknown:
+            raise TypeError(f"{function.__name__}() got an unexpected keyword argument {min(unknown)!r}")
+        arguments = LossArguments(**{name: keywords.pop(name) for name in LossArguments._fields if name in keywords})
+        return function(hidden, weight, labels, arguments, **keywords)
+
+    call.__signature__ = own.replace(parameters=positional + shared + knobs)
+    return call
 
 
 def bad_labels(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
@@ -157,16 +210,7 @@ def check_inputs(
 
 
 
-def prepare_inputs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    options: LossOptions,
-    *,
-    shift: bool = False,
-    num_items_in_batch: int | Tensor | None = None,
-) -> FlatProblem:
+def prepare_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments) -> FlatProblem:
     """Validate the inputs of a linear cross entropy (``check_inputs``, then every label in
     ``[0, V)`` or ``ignore_index``) and flatten them to rows.
 
@@ -174,17 +218,21 @@ def prepare_inputs(
     is ``labels[..., t + 1]``, the last row of each sequence is ignored, and no shifted copy of
     ``hidden`` is made.
     """
-    check_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
+    ignore_index, shift = arguments.ignore_index, arguments.shift
+    check_inputs(
+        hidden, weight, labels, arguments.bias, arguments.options(), shift=shift,
+        num_items_in_batch=arguments.num_items_in_batch,
+    )
     # As in transformers, labels follow the logits to their device.
     labels = labels.to(device=hidden.device, dtype=torch.long)
-    bad = bad_labels(labels, weight.shape[0], options.ignore_index)
+    bad = bad_labels(labels, weight.shape[0], ignore_index)
     if bad.any():
-        raise bad_label_error(labels[bad][0].item(), weight.shape[0], options.ignore_index)
-    targets = shift_labels(labels, ignore_index=options.ignore_index) if shift else labels
+        raise bad_label_error(labels[bad][0].item(), weight.shape[0], ignore_index)
+    targets = shift_labels(labels, ignore_index=ignore_index) if shift else labels
     return FlatProblem(
         hidden=hidden.reshape(-1, hidden.shape[-1]),
         weight=weight,
-        bias=bias,
+        bias=arguments.bias,
         targets=targets.reshape(-1),
         batch_shape=labels.shape,
     )
@@ -241,22 +289,8 @@ def reduce_losses(
     return total / (targets != options.ignore_index).sum()
 
 
-def linear_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    label_smoothing: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    z_loss: float = 0.0,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+@takes_loss_arguments
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments) -> Tensor | tuple[Tensor, Tensor]:
     """Cross entropy of ``hidden @ weight.T + bias`` against ``labels``, materialising the logits.
 
     Shapes: ``hidden (N, D)`` or ``(B, T, D)``; ``weight (V, D)``; ``labels`` shaped like
@@ -264,11 +298,11 @@ def linear_cross_entropy(
     as transformers does (``lm_head(h).float()``); everything after is float32.
     Returns the loss (0-d float32, or per-token float32 shaped like ``labels`` for
     ``reduction='none'``), and with ``return_lse=True`` also the per-token log-sum-exp
-    (float32, shaped like ``labels``).
+    (float32, shaped like ``labels``). The keyword arguments: ``LossArguments``.
     """
-    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
-    logits = transform_logits(F.linear(p.hidden, p.weight, p.bias).float(), options)
-    losses, lse = token_losses(logits, p.targets, options)
-    loss = reduce_losses(losses, p.targets, options, num_items_in_batch, p.batch_shape)
-    return (loss, lse.reshape(p.batch_shape)) if return_lse else loss
+    options = arguments.options()
+    problem = prepare_inputs(hidden, weight, labels, arguments)
+    logits = transform_logits(F.linear(problem.hidden, problem.weight, problem.bias).float(), options)
+    losses, lse = token_losses(logits, problem.targets, options)
+    loss = reduce_losses(losses, problem.targets, options, arguments.num_items_in_batch, problem.batch_shape)
+    return (loss, lse.reshape(problem.batch_shape)) if arguments.return_lse else loss

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from problems import IGNORE, make_problem
-from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, prepare_inputs
+from reference.linear_cross_entropy import LossArguments, LossOptions, linear_cross_entropy, prepare_inputs
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -285,10 +285,28 @@ def test_every_label_is_checked_even_one_that_is_no_target(shift):
     labels = L.clone()
     labels[0, 0] = 12  # a first label: not a target after the shift, still checked
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
-        prepare_inputs(H, W, labels, None, LossOptions(), shift=shift)
+        prepare_inputs(H, W, labels, LossArguments(shift=shift))
 
 
 def test_options_are_validated_on_their_own():
     assert LossOptions().reduction == "mean"
     with pytest.raises(ValueError, match="reduction must be one of"):
         LossOptions(reduction="max")
+
+
+def test_every_version_takes_the_contracts_keywords():
+    # One declaration (LossArguments) gives the contract, the chunked reference and the fused
+    # op the same keywords and defaults, each followed by its own knobs; a misspelt keyword
+    # is an error, not silently dropped.
+    import inspect
+
+    from fused import linear_cross_entropy as fused_loss
+    from reference.chunked_cross_entropy import chunked_linear_cross_entropy
+
+    shared = list(LossArguments._field_defaults.items())
+    for fn in (linear_cross_entropy, chunked_linear_cross_entropy, fused_loss):
+        parameters = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in parameters[:3]] == ["hidden", "weight", "labels"]
+        assert [(p.name, p.default) for p in parameters[3 : 3 + len(shared)]] == shared
+        with pytest.raises(TypeError, match="unexpected keyword argument 'reduce'"):
+            fn(H, W, L, reduce="sum")
