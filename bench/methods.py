@@ -32,6 +32,7 @@ METHOD_NAMES = (
     "liger_flce",
     "cce",
     "cce_exact",
+    "trl_fused_head",
     "fused",
 )
 # The budget measured from Liger's own extra memory at each shape.
@@ -118,6 +119,53 @@ def _cce(name: str, filter_eps: str | None) -> Method:
     )
 
 
+# TRL scores vocabulary tiles of this many columns (trl.trainer.utils.add_fused_lm_head).
+TRL_VOCABULARY_CHUNK = 32768
+
+
+def _trl_kernel_module() -> Any:
+    """TRL's ``trl/kernels/chunked_logprob.py`` loaded on its own: importing the ``trl``
+    package pulls in ``datasets`` and its trainers, while this module needs only torch (and
+    triton on CUDA). Its one relative import, a DeepSpeed ZeRO-3 context, is given a no-op."""
+    import contextlib
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("trl is not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "kernels" / "chunked_logprob.py"
+    package = "_bench_trl"
+    for name in (package, f"{package}.kernels", f"{package}.trainer"):
+        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
+    utils = sys.modules.setdefault(f"{package}.trainer.utils", types.ModuleType(f"{package}.trainer.utils"))
+    utils.maybe_gather_lm_head_ctx = lambda *args, **kwargs: contextlib.nullcontext()
+    module_spec = importlib.util.spec_from_file_location(f"{package}.kernels.chunked_logprob", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _trl_fused_head() -> Method:
+    try:
+        from importlib.metadata import version
+
+        function = _trl_kernel_module().ChunkedLogProbFunction
+    except Exception as e:
+        return _unavailable("trl_fused_head", e)
+
+    def trl_head(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        # As TRL's trainers call it: the valid rows only, no optional outputs; the mean of
+        # the negative log-probabilities is the loss.
+        valid = labels != IGNORE_INDEX
+        log_probs = function.apply(hidden[valid], weight, None, labels[valid], 1.0, TRL_VOCABULARY_CHUNK, None, 1.0, ())[0]
+        return -log_probs.sum() / valid.sum().clamp(min=1)
+
+    return Method("trl_fused_head", trl_head, {"trl": version("trl"), "chunk_size": TRL_VOCABULARY_CHUNK})
+
+
 _BUILDERS: dict[str, Callable[[], Method]] = {
     "torch_eager": lambda: Method("torch_eager", eager_loss),
     "torch_compile": _torch_compile,
@@ -126,6 +174,7 @@ _BUILDERS: dict[str, Callable[[], Method]] = {
     "liger_flce": _liger,
     "cce": lambda: _cce("cce", "high"),
     "cce_exact": lambda: _cce("cce_exact", None),
+    "trl_fused_head": _trl_fused_head,
 }
 
 
