@@ -39,6 +39,11 @@ METHOD_NAMES = (
 LIGER_BUDGET = "liger"
 # The kernel as users call it, no memory knob set.
 KERNEL_DEFAULT = "default"
+# The kernel at its default plan with a precision option beyond stock: knob and its value.
+PRECISION_VARIANTS = {
+    "float32_logits": ("logits_dtype", torch.float32),
+    "float32_weight_sum": ("accumulation_dtype", torch.float32),
+}
 REFERENCE_CHUNK_ROWS = 1024
 # Distinct static shapes a sweep may compile torch.compile for (dynamo's default is 8).
 COMPILE_RECOMPILE_LIMIT = 64
@@ -188,14 +193,16 @@ def build_methods(names: Sequence[str]) -> list[Method]:
 
 def parse_budget(text: str) -> int | str:
     """``"32MiB"`` -> bytes (units B, KiB, MiB, GiB; a bare number is bytes), or one of the
-    words ``"liger"`` (Liger's measured extra memory) and ``"default"`` (no knob set)."""
+    words ``"liger"`` (Liger's measured extra memory), ``"default"`` (no knob set) and the
+    ``PRECISION_VARIANTS`` (the default plan with that precision option)."""
     text = text.strip()
-    if text.lower() in (LIGER_BUDGET, KERNEL_DEFAULT):
+    if text.lower() in (LIGER_BUDGET, KERNEL_DEFAULT, *PRECISION_VARIANTS):
         return text.lower()
     match = re.fullmatch(r"(\d+)\s*([KMG]iB|B)?", text, flags=re.IGNORECASE)
     if not match or int(match.group(1)) <= 0:
         raise ValueError(
-            f"a memory budget is a positive size like 32MiB, 1GiB, 4096, or {LIGER_BUDGET!r} or {KERNEL_DEFAULT!r}; got {text!r}"
+            f"a memory budget is a positive size like 32MiB, 1GiB, 4096, or one of "
+            f"{[LIGER_BUDGET, KERNEL_DEFAULT, *PRECISION_VARIANTS]}; got {text!r}"
         )
     return int(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
 
@@ -245,13 +252,18 @@ def fused_methods(
     except Exception as e:
         names = [_budget_name(b) for b in budgets] + [_chunk_name(c) for c in chunk_sizes]
         return [_unavailable(n, e) for n in names]
-    def entry(name: str, knobs: dict[str, int], **params: Any) -> Method:
-        return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**knobs, **params})
+    def entry(name: str, knobs: dict[str, Any], **params: Any) -> Method:
+        plain = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in knobs.items()}
+        return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**plain, **params})
 
     out = []
     for budget in budgets:
         if budget == KERNEL_DEFAULT:
             out.append(entry(_budget_name(budget), {}))
+            continue
+        if budget in PRECISION_VARIANTS:
+            knob, value = PRECISION_VARIANTS[budget]
+            out.append(entry(_budget_name(budget), {knob: value}))
             continue
         if budget == LIGER_BUDGET and (liger_extra_bytes is None or liger_extra_bytes <= 0):
             out.append(_unavailable(_budget_name(budget), "needs Liger's extra memory measured at this shape"))

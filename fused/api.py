@@ -63,6 +63,8 @@ def linear_cross_entropy(
     vocab_chunk_size: int | None = None,
     memory_budget: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    logits_dtype: torch.dtype | None = None,
+    accumulation_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cross entropy of ``hidden @ weight.T + bias`` against ``labels``, never materialising
@@ -82,7 +84,15 @@ def linear_cross_entropy(
     reference path, chunks of two row blocks of logits, ``fused.plan.reference_chunk_rows``).
     With none, the fastest plan whose tile fits in ``fused.plan.DEFAULT_MEMORY_BUDGET``.
     ``compute_dtype=torch.float64`` keeps float64 inputs in float64 throughout (for
-    ``gradcheck``). ``backend``: ``'auto'`` runs the Triton kernels on CUDA tensors and
+    ``gradcheck``).
+
+    Precision beyond stock, for 16-bit inputs (both off by default, which keeps
+    transformers' numbers): ``logits_dtype=torch.float32`` keeps each tile's logits as
+    cuBLAS's float32 sums instead of rounding them to the inputs' dtype first (the loss and
+    lse then carry no 16-bit rounding; the tile takes ``4 + s`` bytes a logit instead of
+    ``s``, counted by the planner). ``accumulation_dtype=torch.float32`` sums ``grad_weight``
+    over row chunks in a float32 buffer of ``V x D`` (counted by the planner) rather than
+    rounding it once per chunk. ``backend``: ``'auto'`` runs the Triton kernels on CUDA tensors and
     ``reference.chunked_cross_entropy`` elsewhere; ``'triton'`` forces the kernels (CPU
     tensors need ``TRITON_INTERPRET=1`` set before ``fused`` is imported); ``'reference'``
     forces the chunked PyTorch path.
@@ -99,6 +109,9 @@ def linear_cross_entropy(
             check_size(name, size)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+    for name, dtype in (("logits_dtype", logits_dtype), ("accumulation_dtype", accumulation_dtype)):
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"{name} must be None (the inputs' dtype) or torch.float32, got {dtype}")
     if memory_budget is not None and (chunk_size is not None or vocab_chunk_size is not None):
         raise ValueError("memory_budget chooses chunk_size and vocab_chunk_size; pass either it or them")
     if backend not in BACKENDS:
@@ -108,7 +121,7 @@ def linear_cross_entropy(
     if backend == "reference":
         return _reference_path(
             hidden, weight, labels, arguments, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-            memory_budget=memory_budget, compute_dtype=compute_dtype,
+            memory_budget=memory_budget, compute_dtype=compute_dtype, logits_dtype=logits_dtype,
         )
 
     count_is_number = isinstance(num_items_in_batch, (int, float)) and not isinstance(num_items_in_batch, bool)
@@ -137,8 +150,8 @@ def linear_cross_entropy(
         softcap=None if options.softcap is None else float(options.softcap),
         logit_scale=None if options.logit_scale is None else float(options.logit_scale),
         z_loss=float(options.z_loss), chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-        memory_budget=memory_budget, compute_dtype=compute_dtype,
-        grad_hidden=flags[0], grad_weight=flags[1], grad_bias=flags[2],
+        memory_budget=memory_budget, compute_dtype=compute_dtype, logits_dtype=logits_dtype,
+        accumulation_dtype=accumulation_dtype, grad_hidden=flags[0], grad_weight=flags[1], grad_bias=flags[2],
     ))
     return (loss, lse) if arguments.return_lse else loss
 
@@ -146,8 +159,10 @@ def linear_cross_entropy(
 def _reference_path(
     hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments, *, chunk_size: int | None,
     vocab_chunk_size: int | None, memory_budget: int | None, compute_dtype: torch.dtype,
+    logits_dtype: torch.dtype | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``reference.chunked_cross_entropy`` with the public function's memory knobs."""
+    """``reference.chunked_cross_entropy`` with the public function's memory knobs (it sums
+    grad_weight in float32 whatever ``accumulation_dtype`` says)."""
     if vocab_chunk_size is not None:
         raise ValueError(
             "vocab_chunk_size sets the Triton kernels' tile; the reference path (backend='reference', or "
@@ -159,6 +174,6 @@ def _reference_path(
             n_rows, weight.shape[0], memory_budget, compute_itemsize=compute_dtype.itemsize
         )
     return chunked_linear_cross_entropy(
-        hidden, weight, labels, compute_dtype=compute_dtype, **({} if chunk_size is None else {"chunk_size": chunk_size}),
+        hidden, weight, labels, compute_dtype=compute_dtype, logits_dtype=logits_dtype, **({} if chunk_size is None else {"chunk_size": chunk_size}),
         **arguments._asdict(),
     )

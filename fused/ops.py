@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from fused.kernels.upstream_scale import scale_unless_one
-from fused.plan import tile_plan
+from fused.plan import PlanSizes, TilePlan, tile_plan
 from fused.problem import TileProblem, tile_problem
-from fused.tiles import run_tiles
+from fused.tiles import TileDtypes, run_tiles
 from reference.linear_cross_entropy import LossOptions, reduce_losses
 
 
@@ -52,6 +52,8 @@ class LossInputs(NamedTuple):
     vocab_chunk_size: Optional[int]
     memory_budget: Optional[int]
     compute_dtype: torch.dtype
+    logits_dtype: Optional[torch.dtype]  # None: the inputs' dtype, as transformers
+    accumulation_dtype: Optional[torch.dtype]  # grad_weight's sum over row chunks; None: the inputs'
     # Forward: compute these gradients now (a scalar loss only). Backward: these are wanted.
     grad_hidden: bool
     grad_weight: bool
@@ -88,6 +90,7 @@ class Upstream(NamedTuple):
 _SCHEMA_TYPES = {
     Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "int", Optional[int]: "int?", float: "float",
     Optional[float]: "float?", bool: "bool", str: "str", torch.dtype: "ScalarType",
+    Optional[torch.dtype]: "ScalarType?",
 }
 _GRADIENTS = ("hidden", "weight", "bias")
 _GRAD_POSITIONS = tuple(LossInputs._fields.index(name) for name in _GRADIENTS)
@@ -117,12 +120,34 @@ def _gradients_fake(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-def _plan(problem: TileProblem, inputs: LossInputs):
+def _plan(problem: TileProblem, inputs: LossInputs) -> TilePlan:
     (n, hidden_dim), vocab = problem.hidden.shape, problem.weight.shape[0]
+    itemsize = problem.hidden.element_size()
+    sizes = PlanSizes(
+        n, vocab, hidden_dim, itemsize, compute_itemsize=inputs.compute_dtype.itemsize,
+        has_bias=problem.bias is not None,
+        logits_itemsize=None if inputs.logits_dtype is None else inputs.logits_dtype.itemsize,
+        weight_accumulator=_accumulates_weight(problem, inputs),
+    )
     return tile_plan(
-        n, vocab, hidden_dim, problem.hidden.element_size(), compute_itemsize=inputs.compute_dtype.itemsize,
-        has_bias=problem.bias is not None, chunk_size=inputs.chunk_size, vocab_chunk_size=inputs.vocab_chunk_size,
-        memory_budget=inputs.memory_budget,
+        sizes, chunk_size=inputs.chunk_size, vocab_chunk_size=inputs.vocab_chunk_size, memory_budget=inputs.memory_budget
+    )
+
+
+def _accumulates_weight(problem: TileProblem, inputs: LossInputs) -> bool:
+    """Whether grad_weight is summed over row chunks in a wider dtype than the weight's."""
+    return (
+        inputs.grad_weight
+        and inputs.accumulation_dtype is not None
+        and inputs.accumulation_dtype.itemsize > problem.weight.element_size()
+    )
+
+
+def _tile_dtypes(problem: TileProblem, inputs: LossInputs) -> TileDtypes:
+    return TileDtypes(
+        compute=inputs.compute_dtype,
+        logits=inputs.logits_dtype or problem.hidden.dtype,
+        weight_sum=inputs.accumulation_dtype if _accumulates_weight(problem, inputs) else problem.weight.dtype,
     )
 
 
@@ -165,7 +190,8 @@ def _forward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = LossInputs(*args)
     problem, options = inputs.problem(), inputs.options()
     alpha = functools.partial(_forward_gradient_scale, problem, inputs)
-    out = run_tiles(problem, options, _plan(problem, inputs), inputs.compute_dtype, alpha=alpha, wanted=inputs.wanted())
+    plan, dtypes = _plan(problem, inputs), _tile_dtypes(problem, inputs)
+    out = run_tiles(problem, options, plan, dtypes, alpha=alpha, wanted=inputs.wanted())
     # Nothing computed from bad labels leaves the op: without gradients nothing has read them yet.
     problem.label_check.read()
     loss = reduce_losses(out.losses, problem.targets, options, inputs.count(), problem.batch_shape)
@@ -217,7 +243,7 @@ def _backward(*args) -> tuple[Tensor, Tensor, Tensor]:
         problem,
         options,
         _plan(problem, inputs),
-        inputs.compute_dtype,
+        _tile_dtypes(problem, inputs),
         lse=lse.reshape(n).contiguous(),
         loss_grad=row_grad,
         lse_grad=None if upstream.lse_grad is None else upstream.lse_grad.reshape(n).contiguous(),

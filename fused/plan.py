@@ -4,7 +4,7 @@ logits holds, and the exact memory arithmetic behind it.
 One planner serves every path: ``tile_plan`` for the Triton tile loop (no knob, a
 ``memory_budget``, or explicit ``chunk_size`` / ``vocab_chunk_size``) and
 ``reference_chunk_rows`` for the chunked PyTorch path. What a plan costs in memory is a
-formula (``plan_bytes``); which plan is fastest is a property of the device, and the
+formula (``PlanSizes.plan_bytes``); which plan is fastest is a property of the device, and the
 constants below encode what was measured (``results/``), not a law.
 """
 
@@ -89,43 +89,58 @@ def _largest_request(room: int) -> int:
     return room - ALLOCATOR_SLACK if room > 2 * ALLOCATOR_SLACK else min(room, ALLOCATOR_SLACK)
 
 
-def fixed_bytes(n_rows: int, vocab: int, itemsize: int, *, compute_itemsize: int = 4, has_bias: bool = False) -> int:
-    """The memory every plan holds whatever its tile: the per-token statistics and, with a
-    bias, its gradient's accumulator and one tile's column sums (``V`` entries each in the
-    wider of the inputs' and the statistics' dtypes)."""
-    total = statistics_bytes(n_rows, compute_itemsize)
-    if has_bias:
-        total += 2 * held_bytes(vocab * max(itemsize, compute_itemsize))
-    return total
+@dataclass(frozen=True)
+class PlanSizes:
+    """What a plan's memory depends on: ``n_rows`` tokens, ``vocab`` entries, ``hidden_dim``
+    features of ``itemsize`` bytes; statistics of ``compute_itemsize`` bytes; a bias or not;
+    logits tiles of ``logits_itemsize`` bytes (None: the inputs' own, as transformers); and
+    whether ``grad_weight`` is summed over row chunks in a float32 accumulator."""
+
+    n_rows: int
+    vocab: int
+    hidden_dim: int
+    itemsize: int
+    compute_itemsize: int = 4
+    has_bias: bool = False
+    logits_itemsize: int | None = None
+    weight_accumulator: bool = False
+
+    @property
+    def tile_bytes_per_logit(self) -> int:
+        """Tile bytes per logit: the tile, and where the tile is wider than the inputs the
+        gradient tile rounded to the inputs' dtype for the gradient products."""
+        logits = self.logits_itemsize or self.itemsize
+        return logits + (self.itemsize if logits != self.itemsize else 0)
+
+    def fixed_bytes(self) -> int:
+        """The memory every plan holds whatever its tile: the per-token statistics; with a
+        bias, its gradient's accumulator and one tile's column sums (``V`` entries each in the
+        wider of the inputs' and the statistics' dtypes); the float32 ``grad_weight``
+        accumulator when asked for."""
+        total = statistics_bytes(self.n_rows, self.compute_itemsize)
+        if self.has_bias:
+            total += 2 * held_bytes(self.vocab * max(self.itemsize, self.compute_itemsize, self.logits_itemsize or 0))
+        if self.weight_accumulator:
+            total += held_bytes(self.vocab * self.hidden_dim * 4)
+        return total
+
+    def accumulator_bytes(self, plan: TilePlan) -> int:
+        """The float32 ``grad_hidden`` sum of a row chunk over vocabulary blocks (16-bit inputs
+        cut into blocks only)."""
+        return plan.rows * self.hidden_dim * 4 if plan.cols < self.vocab and self.itemsize < 4 else 0
+
+    def plan_bytes(self, plan: TilePlan) -> int:
+        """Extra memory of ``plan`` beyond the inputs and the returned gradients: the tile
+        (``tile_bytes_per_logit`` a logit, each buffer as the CUDA allocator holds it), the
+        ``grad_hidden`` accumulator and ``fixed_bytes``."""
+        tile = plan.rows * plan.cols
+        logits = self.logits_itemsize or self.itemsize
+        rounded = held_bytes(tile * self.itemsize) if logits != self.itemsize else 0
+        return held_bytes(tile * logits) + rounded + held_bytes(self.accumulator_bytes(plan)) + self.fixed_bytes()
 
 
-def plan_bytes(
-    plan: TilePlan, n_rows: int, vocab: int, hidden_dim: int, itemsize: int, *, compute_itemsize: int = 4,
-    has_bias: bool = False,
-) -> int:
-    """Extra memory of ``plan`` beyond the inputs and the returned gradients: the tile,
-    ``rows * cols * itemsize``; the float32 ``grad_hidden`` accumulator of a row chunk,
-    ``rows * hidden_dim * 4``, when the vocabulary is cut into blocks and the inputs are
-    16-bit; and ``fixed_bytes``; each buffer counted as the CUDA allocator holds it."""
-    accumulator = plan.rows * hidden_dim * 4 if plan.cols < vocab and itemsize < 4 else 0
-    return (
-        held_bytes(plan.rows * plan.cols * itemsize)
-        + held_bytes(accumulator)
-        + fixed_bytes(n_rows, vocab, itemsize, compute_itemsize=compute_itemsize, has_bias=has_bias)
-    )
-
-
-def plan_for_budget(
-    n_rows: int,
-    vocab: int,
-    hidden_dim: int,
-    itemsize: int,
-    budget_bytes: int,
-    *,
-    compute_itemsize: int = 4,
-    has_bias: bool = False,
-) -> TilePlan:
-    """The fastest tile whose extra memory (``plan_bytes``) fits in ``budget_bytes``.
+def plan_for_budget(sizes: PlanSizes, budget_bytes: int) -> TilePlan:
+    """The fastest tile whose extra memory (``sizes.plan_bytes``) fits in ``budget_bytes``.
 
     More rows means fewer re-reads of the weight, so the plan takes whole-vocabulary tiles
     if at least ``MIN_WHOLE_VOCABULARY_ROWS`` rows fit (``chunk_rows`` of them) or else
@@ -134,14 +149,16 @@ def plan_for_budget(
     else the most that leave room for ``MIN_BUDGET_COLS``. Raises ``ValueError`` if no plan
     fits.
     """
-    fixed = fixed_bytes(n_rows, vocab, itemsize, compute_itemsize=compute_itemsize, has_bias=has_bias)
-    room = budget_bytes - fixed
-    whole_rows = _largest_request(room) // (vocab * itemsize)
+    n_rows, vocab = sizes.n_rows, sizes.vocab
+    per_logit = sizes.tile_bytes_per_logit
+    room = budget_bytes - sizes.fixed_bytes()
+    if per_logit != (sizes.logits_itemsize or sizes.itemsize):
+        room -= ALLOCATOR_SLACK  # the second tile buffer's allocator block
+    whole_rows = _largest_request(room) // (vocab * per_logit)
     if whole_rows >= min(n_rows, MIN_WHOLE_VOCABULARY_ROWS):
         return TilePlan(rows=chunk_rows(n_rows, min(whole_rows, MAX_CHUNK_ROWS)), cols=vocab)
     if whole_rows >= FEW_WHOLE_VOCABULARY_ROWS:
         return TilePlan(rows=FEW_WHOLE_VOCABULARY_ROWS, cols=vocab)
-    accumulator = hidden_dim * 4 if itemsize < 4 else 0
     # Blocks at least VOCABULARY_BLOCK wide while MIN_WHOLE_VOCABULARY_ROWS rows remain: each
     # block costs a read and write of the float32 grad_hidden accumulator and launches of its
     # own, host time the device waits for at small tiles; only then narrower blocks.
@@ -149,50 +166,44 @@ def plan_for_budget(
         rows = triton.next_power_of_2(min(n_rows, MAX_CHUNK_ROWS))
         while rows >= min_rows:
             r = min(rows, n_rows)
-            tile_room = _largest_request(room - held_bytes(r * accumulator))
-            cols = tile_room // (r * itemsize) // COLUMN_ALIGNMENT * COLUMN_ALIGNMENT
+            accumulator = sizes.accumulator_bytes(TilePlan(rows=r, cols=0))
+            tile_room = _largest_request(room - held_bytes(accumulator))
+            cols = tile_room // (r * per_logit) // COLUMN_ALIGNMENT * COLUMN_ALIGNMENT
             if cols >= min(vocab, min_cols):
                 return TilePlan(rows=r, cols=min(vocab, cols))
             rows //= 2
-    needed = fixed + held_bytes(accumulator) + held_bytes(min(vocab, MIN_BUDGET_COLS) * itemsize)
+    smallest = TilePlan(rows=1, cols=min(vocab, MIN_BUDGET_COLS))
     raise ValueError(
         f"memory_budget={budget_bytes} bytes is too small for {n_rows} tokens, a vocabulary of {vocab} and "
-        f"hidden size {hidden_dim}: at least {needed} bytes are needed"
+        f"hidden size {sizes.hidden_dim}: at least {sizes.plan_bytes(smallest)} bytes are needed"
     )
 
 
 def tile_plan(
-    n_rows: int,
-    vocab: int,
-    hidden_dim: int,
-    itemsize: int,
+    sizes: PlanSizes,
     *,
-    compute_itemsize: int = 4,
-    has_bias: bool = False,
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     memory_budget: int | None = None,
 ) -> TilePlan:
-    """The tile for ``n_rows`` tokens, ``vocab`` entries and ``hidden_dim`` features of
-    ``itemsize`` bytes, statistics of ``compute_itemsize`` bytes, with or without a bias.
+    """The tile for a problem of ``sizes``.
 
     ``memory_budget``: the fastest plan within that many bytes (``plan_for_budget``). With no
-    knob: the fastest whose tile has ``DEFAULT_MEMORY_BUDGET`` bytes, beyond ``fixed_bytes``.
-    ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary entries) set the tile
-    directly, each capped by the problem's own size; with ``chunk_size`` alone the tile spans
-    the vocabulary while it fits in ``FULL_VOCABULARY_TILE_BYTES``, else equal blocks of about
-    ``VOCABULARY_BLOCK`` columns.
+    knob: the fastest whose tile has ``DEFAULT_MEMORY_BUDGET`` bytes, beyond
+    ``sizes.fixed_bytes()``. ``chunk_size`` (tokens) and ``vocab_chunk_size`` (vocabulary
+    entries) set the tile directly, each capped by the problem's own size; with
+    ``chunk_size`` alone the tile spans the vocabulary while it fits in
+    ``FULL_VOCABULARY_TILE_BYTES``, else equal blocks of about ``VOCABULARY_BLOCK`` columns.
     """
-    sizes = dict(compute_itemsize=compute_itemsize, has_bias=has_bias)
     if memory_budget is not None:
-        return plan_for_budget(n_rows, vocab, hidden_dim, itemsize, memory_budget, **sizes)
+        return plan_for_budget(sizes, memory_budget)
     if chunk_size is None and vocab_chunk_size is None:
-        budget = DEFAULT_MEMORY_BUDGET + fixed_bytes(n_rows, vocab, itemsize, **sizes)
-        return plan_for_budget(n_rows, vocab, hidden_dim, itemsize, budget, **sizes)
-    rows = min(n_rows, chunk_size or MAX_CHUNK_ROWS)
+        return plan_for_budget(sizes, DEFAULT_MEMORY_BUDGET + sizes.fixed_bytes())
+    vocab = sizes.vocab
+    rows = min(sizes.n_rows, chunk_size or MAX_CHUNK_ROWS)
     if vocab_chunk_size is not None:
         cols = min(vocab, vocab_chunk_size)
-    elif rows * vocab * itemsize <= FULL_VOCABULARY_TILE_BYTES:
+    elif rows * vocab * sizes.tile_bytes_per_logit <= FULL_VOCABULARY_TILE_BYTES:
         cols = vocab
     else:
         # Equal blocks rather than full blocks and a small remainder.

@@ -54,13 +54,41 @@ from fused.problem import TileProblem
 from reference.linear_cross_entropy import LossOptions
 
 
+@dataclasses.dataclass(frozen=True)
+class TileDtypes:
+    """``compute``: the statistics' and losses' dtype; ``logits``: the tile's (the inputs'
+    dtype, as transformers rounds its logits, or wider); ``weight_sum``: ``grad_weight``'s
+    running sum over row chunks (the weight's dtype, or wider)."""
+
+    compute: torch.dtype
+    logits: torch.dtype
+    weight_sum: torch.dtype
+
+
 def logits_tile(buffer: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, cols: slice) -> Tensor:
     """Raw logits ``(r, c)`` of ``hidden_rows`` against vocabulary ``cols``, written by
-    cuBLAS into a contiguous view of ``buffer`` (in the inputs' dtype)."""
+    cuBLAS into a contiguous view of ``buffer``, in ``buffer``'s dtype: the inputs' (rounded
+    as ``lm_head`` rounds them) or wider (the float32 sum of products, never rounded to
+    16 bits; off CUDA, the inputs are widened first, which gives the same products)."""
     out = buffer[: hidden_rows.shape[0] * (cols.stop - cols.start)].view(hidden_rows.shape[0], -1)
-    if bias is None:
-        return torch.mm(hidden_rows, weight[cols].t(), out=out)
-    return torch.addmm(bias[cols], hidden_rows, weight[cols].t(), out=out)
+    if out.dtype == hidden_rows.dtype:
+        if bias is None:
+            return torch.mm(hidden_rows, weight[cols].t(), out=out)
+        return torch.addmm(bias[cols], hidden_rows, weight[cols].t(), out=out)
+    if out.is_cuda:
+        torch.mm(hidden_rows, weight[cols].t(), out.dtype, out=out)
+    else:
+        torch.mm(hidden_rows.to(out.dtype), weight[cols].to(out.dtype).t(), out=out)
+    return out if bias is None else out.add_(bias[cols])
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor, *, beta: float, alpha: float) -> None:
+    """``out = beta * out + alpha * a @ b`` with ``out`` wider than ``a`` and ``b``: on CUDA
+    one float32 sum in cuBLAS (addmm's ``out_dtype``); elsewhere from widened inputs."""
+    if out.is_cuda:
+        torch.addmm(out, a, b, out.dtype, beta=beta, alpha=alpha, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
 
 
 def finish_statistics(
@@ -109,7 +137,7 @@ def run_tiles(
     problem: TileProblem,
     options: LossOptions,
     plan: TilePlan,
-    compute_dtype: torch.dtype,
+    dtypes: TileDtypes,
     *,
     lse: Tensor | None = None,
     loss_grad: Tensor | None = None,
@@ -124,9 +152,10 @@ def run_tiles(
     ``lse_grad (N,)`` of each lse (None: 0); ``alpha()`` multiplies every gradient, inside the
     matmuls' float32 epilogue: it is called once, when the first gradient product is due, so
     that a wait for the device in it (the forward's label check) finds work already queued.
-    Returns the losses and lse in ``compute_dtype`` and the gradients in the dtype of their
+    Returns the losses and lse in ``dtypes.compute`` and the gradients in the dtype of their
     inputs.
     """
+    compute_dtype = dtypes.compute
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
     want_hidden, want_weight, want_bias = wanted
@@ -143,10 +172,15 @@ def run_tiles(
         stats = RowStatistics(n, compute_dtype, device, sum_logits=sum_logits, overwritten=one_launch)
         losses = torch.empty(n, dtype=compute_dtype, device=device)
         lse = torch.empty(n, dtype=compute_dtype, device=device)
-    tile = torch.empty(plan.rows * plan.cols, dtype=hidden.dtype, device=device)
+    tile = torch.empty(plan.rows * plan.cols, dtype=dtypes.logits, device=device)
+    # A wider tile's gradient is rounded to the inputs' dtype for the gradient products, as
+    # autograd rounds the gradient of lm_head's output.
+    rounded = None
+    if dtypes.logits != hidden.dtype and any(wanted):
+        rounded = torch.empty(plan.rows * plan.cols, dtype=hidden.dtype, device=device)
     grad_hidden = torch.empty(n, d, dtype=hidden.dtype, device=device) if want_hidden else None
-    grad_weight = torch.empty(vocab, d, dtype=weight.dtype, device=device) if want_weight else None
-    bias_acc_dtype = torch.promote_types(weight.dtype, compute_dtype)
+    grad_weight = torch.empty(vocab, d, dtype=dtypes.weight_sum, device=device) if want_weight else None
+    bias_acc_dtype = torch.promote_types(torch.promote_types(weight.dtype, compute_dtype), dtypes.logits)
     grad_bias = torch.zeros(vocab, dtype=bias_acc_dtype, device=device) if want_bias else None
     # A row chunk's grad_hidden sums one product per vocabulary block. In a 16-bit dtype the
     # running sum would be rounded once per block; the sum is kept in float32 instead. On CUDA
@@ -183,6 +217,10 @@ def run_tiles(
             if not one_launch:
                 targets = queued_targets(problem)
                 write_logit_gradient(logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options)
+            if want_bias:
+                grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=scale)
+            if rounded is not None:
+                logits = rounded[: logits.numel()].view_as(logits).copy_(logits)
             if want_hidden:
                 out = grad_hidden[rows]
                 if acc is None:
@@ -190,8 +228,7 @@ def run_tiles(
                 else:
                     acc_rows = acc[: out.shape[0]]
                     if acc_rows.is_cuda:
-                        beta = 0 if k == 0 else 1
-                        torch.addmm(acc_rows, logits, weight[cols], torch.float32, beta=beta, alpha=scale, out=acc_rows)
+                        _add_product(acc_rows, logits, weight[cols], beta=0 if k == 0 else 1, alpha=scale)
                     else:
                         torch.addmm(out, logits, weight[cols], beta=0, alpha=scale, out=out)
                         if k == 0:
@@ -199,14 +236,17 @@ def run_tiles(
                         else:
                             acc_rows.add_(out)
             if want_weight:
-                out = grad_weight[cols]
-                torch.addmm(out, logits.t(), h, beta=0 if start == 0 else 1, alpha=scale, out=out)
-            if want_bias:
-                grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=scale)
+                out, beta = grad_weight[cols], 0 if start == 0 else 1
+                if out.dtype == h.dtype:
+                    torch.addmm(out, logits.t(), h, beta=beta, alpha=scale, out=out)
+                else:
+                    _add_product(out, logits.t(), h, beta=beta, alpha=scale)
         if acc is not None:
             grad_hidden[rows].copy_(acc[: rows.stop - rows.start])
     if one_launch:
         finish_statistics(stats, problem, slice(0, n), options, losses, lse, lse_known=True)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
     return TileResults(losses, lse, grad_hidden, grad_weight, grad_bias)

@@ -467,3 +467,17 @@ def test_trl_fused_head_is_measured_as_trl_calls_it():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert hidden.grad is not None and weight.grad is not None
+
+
+def test_precision_variants_run_the_default_plan_with_their_option():
+    assert methods.parse_budget("float32_logits") == "float32_logits"
+    entries = methods.fused_methods(["float32_logits", "float32_weight_sum"], [], liger_extra_bytes=None)
+    assert [e.name for e in entries] == ["fused@float32_logits", "fused@float32_weight_sum"]
+    assert entries[0].params == {"logits_dtype": "float32"} and entries[1].params == {"accumulation_dtype": "float32"}
+    json.dumps([e.params for e in entries])  # they go into result files
+    problem = make_problem(Shape(37, 16, 100), "peaked", device="cpu", dtype=torch.float32)
+    for entry in entries:
+        torch.testing.assert_close(
+            entry.fn(problem.hidden, problem.weight, problem.labels),
+            methods.eager_loss(problem.hidden, problem.weight, problem.labels), rtol=1e-5, atol=1e-5,
+        )

@@ -91,7 +91,7 @@ def _forward_args(hidden, weight, bias, labels, *, reduction="mean", count=None,
         ignore_index=-100, shift=False, reduction=reduction, label_smoothing=options.get("label_smoothing", 0.0),
         softcap=options.get("softcap"), logit_scale=options.get("logit_scale"), z_loss=options.get("z_loss", 0.0),
         chunk_size=options.get("chunk_size"), vocab_chunk_size=options.get("vocab_chunk_size"),
-        memory_budget=None, compute_dtype=torch.float32,
+        memory_budget=None, compute_dtype=torch.float32, logits_dtype=None, accumulation_dtype=None,
         grad_hidden=grads[0], grad_weight=grads[1], grad_bias=grads[2],
     )
 

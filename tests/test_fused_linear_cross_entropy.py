@@ -336,6 +336,8 @@ BAD_INPUTS = {
     "vocab_chunk_size_bool": (_bad(vocab_chunk_size=True), TypeError, "vocab_chunk_size must be an int"),
     "compute_dtype": (_bad(compute_dtype=torch.float16), ValueError, "compute_dtype must be"),
     "backend": (_bad(backend="cuda"), ValueError, "backend must be"),
+    "logits_dtype": (_bad(logits_dtype=torch.float16), ValueError, "logits_dtype must be None"),
+    "accumulation_dtype": (_bad(accumulation_dtype=torch.bfloat16), ValueError, "accumulation_dtype must be None"),
     "shift_int": (_bad(shift=2), TypeError, "shift must be True or False"),
 }
 
@@ -451,6 +453,38 @@ def test_float16_gradients_meet_the_precision_rule():
         assert abs(ours[0] - truth[0]) <= 1.5 * abs(torch_half[0] - truth[0]) + 4 * EPS32 * truth[0]
         for mine, theirs, exact in zip(ours[1:], torch_half[1:], truth[1:]):
             assert (mine - exact).norm() <= 1.5 * (theirs - exact).norm()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_float32_logits_remove_the_16_bit_rounding_of_the_loss(backend):
+    # Against a float64 truth from the same float16 inputs: by default the loss carries the
+    # logits' rounding to float16, as transformers' does; with float32 tiles only float32's.
+    hidden, weight, b, labels = make_problem((64,), 32, 300, dtype=torch.float16, bias=True, logit_std=8.0, seed=24)
+    wide = [t.detach().double() for t in (hidden, weight, b)]
+    truth = contract(*wide[:2], labels, bias=wide[2], reduction="none")
+    def error(**knobs):
+        loss = linear_cross_entropy(hidden, weight, labels, bias=b, reduction="none", backend=backend, **knobs)
+        return (loss.double() - truth).abs().max().item()
+    stock = error()
+    assert stock == (contract(hidden, weight, labels, bias=b, reduction="none").double() - truth).abs().max().item()
+    z_scale = 8.0 * 4 + math.log(300)  # a generous bound on |z| + log V
+    assert error(logits_dtype=torch.float32) <= 16 * EPS32 * z_scale < stock / 10
+
+
+def test_float32_weight_sums_over_row_chunks_are_no_worse_than_eager():
+    # float16 grad_weight summed over 16 row chunks: rounded once per chunk by default, once
+    # in all with accumulation_dtype=float32 (the precision rule: within 1.5x eager's error).
+    hidden, weight, _, labels = make_problem((512,), 16, 200, dtype=torch.float16, logit_std=4.0, seed=25)
+    exact_w = weight.detach().double().requires_grad_()
+    contract(hidden.detach().double(), exact_w, labels).backward()
+    def weight_error(fn, **knobs):
+        w = weight.detach().clone().requires_grad_()
+        fn(hidden.detach(), w, labels, **knobs).backward()
+        return ((w.grad.double() - exact_w.grad).norm() / exact_w.grad.norm()).item()
+    eager = weight_error(contract)
+    summed = weight_error(triton_path, chunk_size=32, accumulation_dtype=torch.float32)
+    assert summed <= 1.5 * eager
+    assert summed <= weight_error(triton_path, chunk_size=32)
 
 
 # ---- properties ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fused
-from fused.plan import TilePlan, plan_for_budget, statistics_bytes
+from fused.plan import PlanSizes, TilePlan, plan_for_budget, statistics_bytes
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
 
@@ -53,7 +53,7 @@ def test_measured_peak_stays_within_the_budget(n, v, budget):
     step()
     h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
     extra = peak_memory_bytes(step, device) - (n + v) * d * 4
-    plan = plan_for_budget(n, v, d, 4, budget)
+    plan = plan_for_budget(PlanSizes(n, v, d, 4), budget)
     assert plan.rows * plan.cols * 4 <= extra <= budget  # the tile, at least, was measured
 
 
@@ -79,7 +79,7 @@ def test_measured_peak_counts_every_per_token_buffer():
     y = torch.randint(0, v, (b, t), device=device)
     y[:, ::3] = -100
     budget = statistics_bytes(n, 8) + 64 * v * 8
-    assert plan_for_budget(n, v, d, 8, budget, compute_itemsize=8) == TilePlan(rows=64, cols=v)
+    assert plan_for_budget(PlanSizes(n, v, d, 8, compute_itemsize=8), budget) == TilePlan(rows=64, cols=v)
 
     def step():
         loss = fused.linear_cross_entropy(

@@ -185,9 +185,9 @@ def test_anchor_call_and_peak_memory():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = (n + vocab) * d * 2
-    from fused.plan import DEFAULT_MEMORY_BUDGET, tile_plan
+    from fused.plan import DEFAULT_MEMORY_BUDGET, PlanSizes, tile_plan
 
-    plan = tile_plan(n, vocab, d, 2)
+    plan = tile_plan(PlanSizes(n, vocab, d, 2))
     accumulator = plan.rows * d * 4 if plan.cols < vocab else 0
     formula = plan.rows * plan.cols * 2 + accumulator + 64 * n
     assert plan.rows * plan.cols * 2 + accumulator <= DEFAULT_MEMORY_BUDGET
