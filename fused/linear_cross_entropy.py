@@ -76,6 +76,7 @@ from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics, logit_statistics_kernel
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.upstream_scale import scale_unless_one
+from fused.vocab_parallel import is_dtensor, vocab_parallel_linear_cross_entropy
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
 from reference.chunked_cross_entropy import check_size as check_positive_size
 from reference.linear_cross_entropy import FlatProblem, LossOptions, check_shift, prepare_inputs, reduce_losses
@@ -630,7 +631,15 @@ def linear_cross_entropy(
     Under ``torch.autocast`` the loss is what ``F.linear`` + the loss compute there: the
     matmuls in the autocast dtype (float32 ``hidden``, ``weight`` and ``bias`` are cast to it;
     the gradients reach them in float32), the statistics in float32.
+
+    A ``weight`` that is a DTensor sharded over the vocabulary (``Shard(0)`` on a 1-D mesh,
+    tensor parallelism) runs ``fused.vocab_parallel``: the same loss, combined across ranks.
     """
+    # --- Vocabulary-parallel dispatch (issue 17; to be re-homed in fused/api.py). Here
+    # locals() are exactly this function's arguments.
+    if is_dtensor(weight):
+        return vocab_parallel_linear_cross_entropy(**locals())
+    # --- End of the vocabulary-parallel dispatch.
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
     check_shift(shift)
     check_size("chunk_size", chunk_size)

@@ -134,6 +134,8 @@ def shard_logit_gradient(
     ``dL/dz_j = g * (p_j * (1 + 2 * z_loss * lse) - (1 - eps) * [j == y] - eps / V) + k * p_j``
     with ``p_j = exp(z_j - lse)``, then through softcap and logit scale: only ``[j == y]``
     depends on where the shard lies."""
+    if z.shape[1] == 0:
+        return z.clone()
     eps = options.label_smoothing
     coef = grad_loss * (1 + 2 * options.z_loss * lse) if options.z_loss else grad_loss
     if grad_lse is not None:
