@@ -4,8 +4,9 @@
 ``torch.distributed`` (NCCL with one GPU per rank when there are enough GPUs, else gloo on
 CPU, so the same tests run unchanged on a multi-GPU machine), calls ``fn(*args)`` and sends
 back its result, or its traceback if it raised. The parent waits at most ``deadline``
-seconds, kills what is still running (only the processes it started) and raises an
-``AssertionError`` naming each rank that failed, hung or died. Every collective is bounded
+seconds (``FAILURE_GRACE`` once a rank has failed), kills what is still running (only the
+processes it started) and raises an ``AssertionError`` naming each rank that failed, hung
+or died. Every collective is bounded
 by the process group's ``timeout``, well below the deadline, so a rank stuck in a
 collective fails with torch's own timeout error rather than hanging the test run.
 
@@ -29,6 +30,8 @@ import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 DEADLINE = 150.0
+# After one rank fails, how long the others get before they are killed.
+FAILURE_GRACE = 5.0
 
 
 def backend_for(world_size: int) -> str:
@@ -95,6 +98,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, deadline: float = DEADL
                 try:
                     r, ok, payload = results.get(timeout=1.0)
                     received[r] = (ok, payload)
+                    if not ok:
+                        # The others may be waiting for it in a collective: give them a moment
+                        # to fail or finish on their own, not the whole collective timeout.
+                        end = min(end, time.monotonic() + FAILURE_GRACE)
                 except Empty:
                     dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in received]
                     if dead:
