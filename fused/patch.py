@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fused.fsdp import fsdp_gathers_head, is_fsdp_module, run_in_fsdp_forward, through_module_call
 from fused.linear_cross_entropy import check_size, linear_cross_entropy
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
@@ -255,8 +256,11 @@ def _without_logits(output: Any, placeholders: tuple[Tensor | None, ...]) -> Any
     return output
 
 
-def _sharded_head_parameter(head: nn.Module) -> str | None:
-    """Why the head's weights cannot be read outside its forward (ZeRO-3, FSDP), or None."""
+def _sharded_head_parameter(model: nn.Module, head: nn.Module) -> str | None:
+    """Why the head's weights cannot be read outside its forward (ZeRO-3, FSDP1), or None.
+    FSDP2 gathers them around the forward the loss runs in (``fused.fsdp``)."""
+    if fsdp_gathers_head(model, head):
+        return None
     for name, parameter in head.named_parameters():
         if parameter.numel() == 0 or hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor":
             return f"the head's parameter {name} is sharded (ZeRO-3 / FSDP)"
@@ -274,7 +278,7 @@ def _unavailable(model: nn.Module, state: _PatchState) -> str | None:
         head_kind(head, None)
     except UnsupportedHead as error:
         return str(error)
-    return _sharded_head_parameter(head)
+    return _sharded_head_parameter(model, head)
 
 
 def _fall_back(model: nn.Module, state: _PatchState, reason: str, args: tuple, kwargs: dict) -> Any:
@@ -296,6 +300,8 @@ def _fused_forward(model: nn.Module, state: _PatchState, args: tuple, kwargs: di
 
     def loss(call: LossCall, hidden: Tensor) -> Tensor:
         try:
+            if is_fsdp_module(head):  # sharded on its own: gathered only inside its forward
+                return run_in_fsdp_forward(head, lambda rows: _fused_loss(head, state, call, rows), hidden)
             return _fused_loss(head, state, call, hidden)
         except ValueError as error:  # the kernel's input validation: a caller error, not a fallback
             if not isinstance(error, UnsupportedHead):
@@ -374,7 +380,7 @@ def _examine(
         kind = head_kind(head, model.get_input_embeddings())
     except UnsupportedHead as error:
         return _refuse(model, str(error))
-    sharded = _sharded_head_parameter(head)
+    sharded = _sharded_head_parameter(model, head)
     if sharded is not None:
         return _refuse(model, sharded, kind)
     if model.loss_function is not stock_causal_lm_loss():
@@ -382,6 +388,8 @@ def _examine(
         return _refuse(model, f"model.loss_function is {name}, not ForCausalLMLoss: the custom loss is kept", kind)
 
     forward = vars(model).get("forward") or type(model).forward.__get__(model)
+    if is_fsdp_module(model):  # its hooks gather the parameters the probe's forwards need
+        forward = through_module_call(model, forward)
     generator = torch.Generator().manual_seed(seed)
     state = None
     with probing(model), torch.enable_grad(), warnings.catch_warnings():
@@ -414,6 +422,8 @@ def _examine(
             )
             # The patched path runs here in eval mode, installed nowhere.
             patched = lambda **kw: _fused_forward(model, state, (), kw)  # noqa: E731
+            if is_fsdp_module(model):
+                patched = through_module_call(model, patched)
             count = torch.tensor(int((labels[..., 1:] != -100).sum()) + 3) if wiring.uses_num_items_in_batch else None
             verification = verify(forward, patched, head, {**inputs, "labels": labels}, count)
         except Exception as error:  # refusing is always allowed; the reason says what happened
