@@ -18,6 +18,8 @@ every rank, well within the collective timeout, and leave the group usable.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -71,8 +73,9 @@ def _gradients(loss, lse, inputs):
     return torch.autograd.grad(upstream, [t for t in inputs if t is not None])
 
 
-def _run_cases(cases: dict) -> dict:
-    """On each rank: the vocabulary-parallel loss of every case, and its gradients."""
+def _run_cases(cases: dict, with_bad_inputs: bool) -> dict:
+    """On each rank: the vocabulary-parallel loss of every case, and its gradients; then,
+    if asked, the bad inputs (``_bad_inputs``) in the same process group."""
     import fused
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -94,17 +97,30 @@ def _run_cases(cases: dict) -> dict:
             loss, lse = loss.to_local(), lse.to_local()
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
         out[name] = [t.detach().cpu() for t in (loss, lse, *local)]
+    if with_bad_inputs:
+        out["bad inputs"] = _bad_inputs()
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
-def distributed_results(request):
-    return request.param, run_ranks(_run_cases, request.param, CASES)
+@pytest.fixture(scope="module")
+def runs():
+    """``runs(world_size)``: every rank's results, one process group per rank count for the
+    whole module (spawning costs seconds on a 2-core machine; the 2-rank group also runs the
+    bad inputs)."""
+    done = {}
+
+    def results(world_size: int) -> list[dict]:
+        if world_size not in done:
+            done[world_size] = run_ranks(_run_cases, world_size, CASES, world_size == 2)
+        return done[world_size]
+
+    return results
 
 
+@pytest.mark.parametrize("world_size", [2, 3], ids=["2 ranks", "3 ranks"])
 @pytest.mark.parametrize("name", CASES)
-def test_vocab_parallel_equals_the_contract(distributed_results, name):
-    world_size, per_rank = distributed_results
+def test_vocab_parallel_equals_the_contract(runs, world_size, name):
+    per_rank = runs(world_size)
     hidden, weight, bias, labels, options = make_case(CASES[name])
     inputs = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
     options.pop("chunk_size", None)  # the fused path's knob, not the contract's
@@ -197,12 +213,11 @@ EXPECTED_ERRORS = {
 }
 
 
-def test_bad_input_raises_on_every_rank_without_hanging():
-    import re
-
-    per_rank = run_ranks(_bad_inputs, 2)
+def test_bad_input_raises_on_every_rank_without_hanging(runs):
+    per_rank = runs(2)
     hidden, weight, _, labels, _ = make_case({})
-    for r, out in enumerate(per_rank):
+    for r, results in enumerate(per_rank):
+        out = results["bad inputs"]
         for name, pattern in EXPECTED_ERRORS.items():
             assert out[name] is not None, f"rank {r}: {name} raised nothing"
             assert re.search(pattern, out[name]), f"rank {r}: {name}: {out[name]}"
