@@ -24,7 +24,9 @@ agree in one small all-reduce: whether any rank found an error, and that tokens,
 labels, hidden values and ``num_items_in_batch`` are the same on every rank. A problem on one
 rank (a label out of range there only, a shard of another hidden size) then raises the same
 ``ValueError`` on every rank instead of leaving the others waiting in a collective.
-Collectives run on the mesh's process group and are bounded by its timeout.
+Collectives run on the mesh's process group and are bounded by its timeout. The loss is
+replicated: every rank must backpropagate the same upstream gradient through it, as it does
+when each computes the same loss from it (the ranks' hidden gradients are summed).
 
 The per-shard arithmetic is PyTorch (``reference.vocab_parallel``) on every device. The
 Triton tile loop (``fused.linear_cross_entropy._run_tiles``) does not fit a shard as it
