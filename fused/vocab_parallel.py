@@ -28,11 +28,15 @@ Collectives run on the mesh's process group and are bounded by its timeout. The 
 replicated: every rank must backpropagate the same upstream gradient through it, as it does
 when each computes the same loss from it (the ranks' hidden gradients are summed).
 
-The per-shard arithmetic is PyTorch (``reference.vocab_parallel``) on every device. The
-Triton tile loop (``fused.linear_cross_entropy._run_tiles``) does not fit a shard as it
-stands: it reads the target column and the label-smoothing ``V`` from the tile's own
-vocabulary and finishes the statistics itself, where a shard needs a column offset, the
-whole vocabulary's size and the raw statistics before the exchange.
+Per chunk of rows, the shard's raw logits come from one matmul in the inputs' dtype; the
+per-row arithmetic is either the fused op's Triton row kernels (``backend='triton'``, and
+``'auto'`` on CUDA: ``fused.kernels.logit_statistics`` and ``logit_gradient``, which take the
+shard's column offset and the whole vocabulary's size as they stand) or
+``reference.vocab_parallel`` in PyTorch (``'reference'``, and ``'auto'`` elsewhere). The
+op's tile loop itself (``fused.linear_cross_entropy._run_tiles``) does not fit a shard: it
+reads target columns and the label-smoothing ``V`` from the tile's own vocabulary and
+finishes the statistics before any exchange; this module's loop is its row-chunk part
+without vocabulary blocks or gradients in the forward pass.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fused.kernels.launch import statistics_bytes
+from fused.kernels.logit_gradient import write_logit_gradient
+from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, check_size
 from reference.linear_cross_entropy import FlatProblem, LossOptions, prepare_inputs, reduce_losses, transform_logits
 from reference.vocab_parallel import (
@@ -125,7 +131,9 @@ def _fingerprint(p: FlatProblem, count) -> list[float]:
     return [v for x in values for v in (x, -x)]
 
 
-_FINGERPRINT_NAMES = ("number of tokens", "hidden size", "labels", "labels (order)", "hidden states", "num_items_in_batch")
+_FINGERPRINT_NAMES = (
+    "number of tokens", "hidden size", "labels", "labels (order)", "hidden states", "num_items_in_batch",
+)
 _FINGERPRINT_LENGTH = 2 * len(_FINGERPRINT_NAMES)
 
 
@@ -140,7 +148,9 @@ def _agree(group: dist.ProcessGroup, device: torch.device, error: Exception | No
         messages: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
         failed = "; ".join(f"rank {rank}: {m}" for rank, m in enumerate(messages) if m is not None)
-        raise ValueError(f"fused.linear_cross_entropy (vocabulary-parallel): bad input on some rank: {failed}") from error
+        raise ValueError(
+            f"fused.linear_cross_entropy (vocabulary-parallel): bad input on some rank: {failed}"
+        ) from error
     highs, lows = flags[1::2].tolist(), [-v for v in flags[2::2].tolist()]
     differ = [name for name, hi, lo in zip(_FINGERPRINT_NAMES, highs, lows) if hi != lo]
     if differ:
@@ -152,6 +162,45 @@ def _agree(group: dist.ProcessGroup, device: torch.device, error: Exception | No
         )
 
 
+def _torch_statistics(h, weight, bias, targets, shard: VocabShard, options: LossOptions, dtype) -> ShardStatistics:
+    """One chunk's statistics ``(r,)`` of the shard, by ``reference.vocab_parallel``: the
+    transformed logits ``(r, V_k)`` in ``dtype`` exist for the chunk."""
+    z = transform_logits(F.linear(h, weight, bias).to(dtype), options)
+    return shard_statistics(z, targets, shard.offset, options.ignore_index)
+
+
+def _kernel_statistics(h, weight, bias, targets, shard: VocabShard, options: LossOptions, dtype) -> ShardStatistics:
+    """The same by the fused op's statistics kernel, over the chunk's raw logits in the
+    inputs' dtype (the kernel transforms them in ``dtype``); the target column is found
+    from the shard's offset."""
+    stats = RowStatistics(h.shape[0], dtype, h.device, sum_logits=options.label_smoothing > 0)
+    if shard.size:  # an empty shard keeps the starting values: max -inf, sums 0
+        logits = F.linear(h, weight, bias)
+        accumulate_logit_statistics(logits, shard.offset, targets, stats, slice(0, h.shape[0]), options)
+    logit_sum = stats.logit_sum if options.label_smoothing else torch.zeros_like(stats.max)
+    return ShardStatistics(stats.max, stats.sumexp, stats.target_logit, logit_sum)
+
+
+def _torch_gradient(h, weight, bias, targets, shard: VocabShard, lse, grad_loss, grad_lse, options, dtype) -> Tensor:
+    """``dL/dx (r, V_k)`` of one chunk of the shard's raw logits, in ``dtype``
+    (``grad_loss`` already 0 on ignored rows)."""
+    z = transform_logits(F.linear(h, weight, bias).to(dtype), options)
+    return shard_logit_gradient(z, targets, shard.offset, shard.vocab, lse, grad_loss, grad_lse, options)
+
+
+def _kernel_gradient(h, weight, bias, targets, shard: VocabShard, lse, grad_loss, grad_lse, options, dtype) -> Tensor:
+    """The same by the fused op's gradient kernel, written over the raw logits in the
+    inputs' dtype, with the target column from the shard's offset and the label-smoothing
+    ``V`` of the whole vocabulary."""
+    logits = F.linear(h, weight, bias)
+    if shard.size:
+        rows = slice(0, h.shape[0])
+        # The kernel reads the lse gradient with stride 1 (a broadcast upstream has stride 0).
+        grad_lse = None if grad_lse is None else grad_lse.contiguous()
+        write_logit_gradient(logits, shard.offset, targets, lse, grad_loss, grad_lse, rows, shard.vocab, options)
+    return logits
+
+
 class _VocabParallelFunction(torch.autograd.Function):
     """Per-token ``(losses, lse)``, ``(N,)`` each in ``compute_dtype`` and equal on every
     rank, of ``hidden (N, D)`` (replicated) against the shard ``weight (V_k, D)`` and
@@ -159,15 +208,15 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, options: LossOptions, chunk_size: int,
-                compute_dtype: torch.dtype):
+                compute_dtype: torch.dtype, use_kernels: bool):
         n = hidden.shape[0]
         partial = torch.empty(4, n, dtype=compute_dtype, device=hidden.device)  # max, sumexp, target, logit sum
+        statistics = _kernel_statistics if use_kernels else _torch_statistics
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            z = transform_logits(F.linear(hidden[rows], weight, bias).to(compute_dtype), options)
-            s = shard_statistics(z, targets[rows], shard.offset, options.ignore_index)
+            s = statistics(hidden[rows], weight, bias, targets[rows], shard, options, compute_dtype)
             partial[:, rows] = torch.stack([s.max, s.sumexp, s.target_logit, s.logit_sum])
-            del z, s  # before the next chunk's logits exist
+            del s  # before the next chunk's logits exist
         row_max = partial[0].clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
         partial[1] = rescaled_sumexp(ShardStatistics(*partial), row_max)
@@ -179,6 +228,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         losses = losses_from_statistics(combined, targets, shard.vocab, options)
         ctx.save_for_backward(hidden, weight, bias, targets, combined.lse)
         ctx.shard, ctx.options, ctx.chunk_size, ctx.compute_dtype = shard, options, chunk_size, compute_dtype
+        ctx.use_kernels = use_kernels
         ctx.set_materialize_grads(False)
         return losses, combined.lse
 
@@ -199,15 +249,14 @@ class _VocabParallelFunction(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_bias else None
+        gradient = _kernel_gradient if ctx.use_kernels else _torch_gradient
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
-            z = transform_logits(F.linear(h, weight, bias).to(compute_dtype), options)
-            dz = shard_logit_gradient(
-                z, targets[rows], shard.offset, shard.vocab, lse[rows], grad_losses[rows],
-                None if grad_lse is None else grad_lse[rows], options,
+            dz = gradient(
+                h, weight, bias, targets[rows], shard, lse[rows], grad_losses[rows],
+                None if grad_lse is None else grad_lse[rows], options, compute_dtype,
             )
-            del z
             grad_hidden[rows] = dz.to(acc_dtype) @ weight.to(acc_dtype)
             if need_weight:
                 grad_weight.addmm_(dz.t().to(acc_dtype), h.to(acc_dtype))
@@ -219,7 +268,7 @@ class _VocabParallelFunction(torch.autograd.Function):
             grad_hidden.to(hidden.dtype) if need_hidden else None,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -263,20 +312,23 @@ def vocab_parallel_linear_cross_entropy(
     every rank, in ``compute_dtype``: plain tensors, or ``Replicate`` DTensors when ``hidden``
     is a DTensor. Gradients: the weight's and bias's own shards, and ``hidden``'s in full.
 
-    ``chunk_size`` rows of logits per step, or ``memory_budget`` bytes; ``vocab_chunk_size`` and
-    ``backend='triton'`` (the Triton tile loop) are refused here. Raises ``ValueError`` on every
-    rank when any rank's inputs are bad or the ranks' inputs differ.
+    ``chunk_size`` rows of logits per step, or ``memory_budget`` bytes; ``vocab_chunk_size`` (the
+    tile loop's vocabulary blocks) is refused here. ``backend`` as for the op: which per-row
+    arithmetic runs (module docstring). Raises ``ValueError`` on every rank when any rank's
+    inputs are bad or the ranks' inputs differ.
     """
     from torch.distributed.tensor import DTensor, Replicate
 
+    # The public op's backend names and interpreter flag (it imports this module: import here).
+    from fused.linear_cross_entropy import BACKENDS, KERNELS_INTERPRETED
+
     options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    if backend not in ("auto", "reference"):
-        raise ValueError(
-            f"backend={backend!r}: a vocabulary-sharded weight runs the PyTorch per-shard path (backend 'auto' or "
-            "'reference'); the Triton tile loop does not take a vocabulary shard"
-        )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if vocab_chunk_size is not None:
-        raise ValueError("vocab_chunk_size cuts the Triton tile loop's vocabulary; the vocabulary-parallel path chunks rows only")
+        raise ValueError(
+            "vocab_chunk_size cuts the Triton tile loop's vocabulary; the vocabulary-parallel path chunks rows only"
+        )
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
     for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
@@ -303,7 +355,9 @@ def vocab_parallel_linear_cross_entropy(
                 f"{(local_rows, dim)}"
             )
         if bias_local is not None and tuple(bias_local.shape) != (local_rows,):
-            raise ValueError(f"this rank's bias shard is {tuple(bias_local.shape)}, its weight shard has {local_rows} rows")
+            raise ValueError(
+                f"this rank's bias shard is {tuple(bias_local.shape)}, its weight shard has {local_rows} rows"
+            )
         # The contract's validation against the whole vocabulary (labels in [0, V)), on a
         # stand-in of the global weight's shape that holds no memory.
         stand_in = weight_local.new_empty(()).expand(vocab, dim)
@@ -316,8 +370,14 @@ def vocab_parallel_linear_cross_entropy(
     _agree(group, weight_local.device, error, fingerprint)
     shard = VocabShard(group, offset, local_rows, vocab)
     rows = _chunk_rows(p.hidden.shape[0], local_rows, chunk_size, memory_budget, compute_dtype)
+    use_kernels = backend == "triton" or (backend == "auto" and p.hidden.is_cuda)
+    if use_kernels and not p.hidden.is_cuda and not KERNELS_INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got {p.hidden.device}; to run the kernels on CPU set "
+            "TRITON_INTERPRET=1 before importing fused"
+        )
     losses, lse = _VocabParallelFunction.apply(
-        p.hidden, weight_local, bias_local, p.targets, shard, options, rows, compute_dtype
+        p.hidden, weight_local, bias_local, p.targets, shard, options, rows, compute_dtype, use_kernels
     )
     loss = reduce_losses(losses, p.targets, options, count, p.batch_shape)
     lse = lse.reshape(p.batch_shape)

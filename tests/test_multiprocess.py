@@ -1,5 +1,6 @@
-"""The multi-process harness itself (tests/multiprocess.py): a rank that raises while the others wait for it in a collective fails the run quickly,
-with its traceback, instead of hanging until the collective's timeout."""
+"""The multi-process harness itself (tests/multiprocess.py): a rank that raises while the
+others wait for it in a collective fails the run quickly, with its traceback, instead of
+hanging until the collective's timeout."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def test_a_shard_without_any_target_adds_only_to_the_normaliser():
     labels = torch.where(labels >= 7, 0, labels)  # rows 7..12 (the second shard) hold no target
     options = LossOptions()
     z = transform_logits(torch.nn.functional.linear(hidden.reshape(-1, 8), weight).float(), options)
-    stats = [shard_statistics(z[:, :7], labels.reshape(-1), 0, IGNORE), shard_statistics(z[:, 7:], labels.reshape(-1), 7, IGNORE)]
+    targets = labels.reshape(-1)
+    stats = [shard_statistics(z[:, :7], targets, 0, IGNORE), shard_statistics(z[:, 7:], targets, 7, IGNORE)]
     assert torch.equal(stats[1].target_logit, torch.zeros(18))
     combined = combine_statistics(stats)
     torch.testing.assert_close(combined.lse, torch.logsumexp(z, dim=1), rtol=1e-6, atol=1e-5)
