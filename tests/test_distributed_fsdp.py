@@ -5,7 +5,13 @@ its own; the loss and every full gradient (``grad.full_tensor()``, after FSDP2's
 reduce-scatter) equal the unpatched FSDP2 model's, and the fused loss really ran (the
 report's counter), with no fallback warning.
 
-Tolerances: those of tests/test_patch.py (rtol 1e-4, atol 1e-6, float32).
+Two more layouts run FSDP2's mixed precision (bfloat16 parameters, float32 gradient
+reduction), where the stock model and the fused loss round their bfloat16 logits and logit
+gradients in different places.
+
+Tolerances: float32, those of tests/test_patch.py (rtol 1e-4, atol 1e-6). Mixed precision:
+the same loss (both compute float32 statistics of the same bfloat16 logits), gradients within
+one bfloat16 epsilon (2**-7) of each gradient's largest entry (measured: 3.5e-3).
 """
 
 from __future__ import annotations
@@ -21,22 +27,29 @@ from multiprocess import device, rank, run_ranks
 from test_distributed_ddp import rank_batch, tiny_llama
 
 RTOL, ATOL = 1e-4, 1e-6
+BF16_EPS = 2**-7
+# name: (patch_model before or after fully_shard, lm_head sharded on its own, reshard_after_forward,
+# mixed precision)
 LAYOUTS = {
     f"{order}, {'own lm_head unit' if own_head else 'lm_head in the root group'}, reshard_after_forward={reshard}": (
-        order, own_head, reshard,
+        order, own_head, reshard, False,
     )
     for order, own_head, reshard in itertools.product(("before", "after"), (False, True), (True, False))
 }
+LAYOUTS["before, lm_head in the root group, bf16 mixed precision"] = ("before", False, True, True)
+LAYOUTS["after, own lm_head unit, bf16 mixed precision"] = ("after", True, True, True)
 
 
-def _shard(model, mesh, own_head: bool, reshard: bool):
-    from torch.distributed.fsdp import fully_shard
+def _shard(model, mesh, own_head: bool, reshard: bool, mixed: bool):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+    options = dict(mesh=mesh, reshard_after_forward=reshard, **({"mp_policy": policy} if mixed else {}))
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(layer, **options)
     if own_head:
-        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=reshard)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model.lm_head, **options)
+    return fully_shard(model, **options)
 
 
 def _step(model, batch) -> tuple:
@@ -57,15 +70,15 @@ def _fsdp_runs(layouts: dict) -> dict:
     batch = {k: v.to(dev) for k, v in rank_batch(rank()).items()}
     base = tiny_llama().to(dev)
     out = {}
-    for reshard in (True, False):
-        out[("stock", reshard)] = _step(_shard(copy.deepcopy(base), mesh, False, reshard), batch)
-    for name, (order, own_head, reshard) in layouts.items():
+    for reshard, mixed in ((True, False), (False, False), (True, True)):
+        out[("stock", reshard, mixed)] = _step(_shard(copy.deepcopy(base), mesh, False, reshard, mixed), batch)
+    for name, (order, own_head, reshard, mixed) in layouts.items():
         model = copy.deepcopy(base)
         if order == "before":
             report = fused.patch_model(model)
-            _shard(model, mesh, own_head, reshard)
+            _shard(model, mesh, own_head, reshard, mixed)
         else:
-            report = fused.patch_model(_shard(model, mesh, own_head, reshard))
+            report = fused.patch_model(_shard(model, mesh, own_head, reshard, mixed))
         assert report.patched, f"{name}: {report.reason}"
         out[name] = (*_step(model, batch), fused.patch_report(model).calls.fused)
     return out
@@ -78,13 +91,14 @@ def fsdp_results():
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_patched_fsdp2_model_has_the_stock_gradients(fsdp_results, name):
-    reshard = LAYOUTS[name][2]
+    _, _, reshard, mixed = LAYOUTS[name]
     for r, out in enumerate(fsdp_results):
-        stock_loss, stock_grads = out[("stock", reshard)]
+        stock_loss, stock_grads = out[("stock", reshard, mixed)]
         loss, grads, fused_calls = out[name]
         assert fused_calls == 1, f"rank {r}: the fused loss did not run"
         torch.testing.assert_close(loss, stock_loss, rtol=RTOL, atol=ATOL, msg=f"rank {r}")
         assert grads.keys() == stock_grads.keys()
         for param, grad in stock_grads.items():
-            torch.testing.assert_close(grads[param], grad, rtol=RTOL, atol=ATOL, msg=f"rank {r}: {param}")
+            rtol, atol = (0.0, BF16_EPS * grad.abs().max().item()) if mixed else (RTOL, ATOL)
+            torch.testing.assert_close(grads[param], grad, rtol=rtol, atol=atol, msg=f"rank {r}: {param}")
     assert fsdp_results[0][name][0] != fsdp_results[1][name][0]  # the ranks trained on different batches
