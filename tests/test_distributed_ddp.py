@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from multiprocess import device, rank, run_ranks
+from rank_processes import device, rank, run_ranks
 
 RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 64

@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 
-from multiprocess import device, rank, run_ranks
+from rank_processes import device, rank, run_ranks
 from test_distributed_ddp import rank_batch, tiny_llama
 
 RTOL, ATOL = 1e-4, 1e-6

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from loss_tolerances import forward_atols
-from multiprocess import device, rank, run_ranks
+from rank_processes import device, rank, run_ranks
 from reference.linear_cross_entropy import linear_cross_entropy
 
 IGNORE = -100

@@ -1,4 +1,4 @@
-"""The multi-process harness itself (tests/multiprocess.py): a rank that raises while the
+"""The multi-process harness itself (tests/rank_processes.py): a rank that raises while the
 others wait for it in a collective fails the run quickly, with its traceback, instead of
 hanging until the collective's timeout."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multiprocess import COLLECTIVE_TIMEOUT, device, rank, run_ranks
+from rank_processes import COLLECTIVE_TIMEOUT, device, rank, run_ranks
 
 
 def _rank_one_raises() -> None:

@@ -1,4 +1,5 @@
-"""Run a function on several processes joined in one process group, bounded in time.
+"""Run a function on several processes joined in one process group, bounded in time (named
+so as not to shadow the ``multiprocess`` package that ``datasets`` imports).
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes; each initialises
 ``torch.distributed`` (NCCL with one GPU per rank when there are enough GPUs, else gloo on
