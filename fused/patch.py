@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fused.fsdp import fsdp_gathers_head, is_fsdp_module, run_in_fsdp_forward, through_module_call
 from fused.linear_cross_entropy import check_size, linear_cross_entropy
+from fused.vocab_parallel import is_dtensor
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
 from fused.patch_probe import (
@@ -262,6 +263,12 @@ def _sharded_head_parameter(model: nn.Module, head: nn.Module) -> str | None:
     if fsdp_gathers_head(model, head):
         return None
     for name, parameter in head.named_parameters():
+        if is_dtensor(parameter):
+            return (
+                f"the head's parameter {name} is a DTensor placed {tuple(parameter.placements)} (tensor parallelism): "
+                "the stock loss does not run on such a head, so there is nothing to verify a patch against; "
+                "fused.linear_cross_entropy(hidden, weight, labels) takes a Shard(0) weight directly"
+            )
         if parameter.numel() == 0 or hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor":
             return f"the head's parameter {name} is sharded (ZeRO-3 / FSDP)"
     return None
