@@ -117,32 +117,33 @@ def _local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
-def _fingerprint(p: FlatProblem, count) -> list[float]:
-    """Numbers that every rank must agree on: tokens, hidden size, the targets and hidden
-    states (as checksums) and the count. Each number ``x`` is followed by ``-x``, so that
-    one all-reduce with MAX yields every maximum and minimum."""
+def _fingerprint(p: FlatProblem, count) -> Tensor:
+    """``(12,)`` float64 on the inputs' device: numbers every rank must agree on (tokens,
+    hidden size, checksums of the targets and hidden states, the count), then their
+    negatives, so that one all-reduce with MAX yields every maximum and minimum. Built on
+    the device: no host read before the collective."""
     targets = p.targets.to(torch.float64)
     position = torch.arange(1, targets.numel() + 1, dtype=torch.float64, device=targets.device) % 9973 + 1
     hidden_sum = torch.nan_to_num(p.hidden.detach().sum(dtype=torch.float64), nan=0.0, posinf=1e300, neginf=-1e300)
-    values = [
-        float(p.hidden.shape[0]), float(p.hidden.shape[1]), targets.sum().item(), (targets * position).sum().item(),
-        hidden_sum.item(), -1.0 if count is None else float(count),
-    ]
-    return [v for x in values for v in (x, -x)]
+    count = torch.as_tensor(-1.0 if count is None else count, dtype=torch.float64).to(targets.device).reshape(())
+    shape = torch.tensor(p.hidden.shape, dtype=torch.float64, device=targets.device)
+    values = torch.cat([shape, torch.stack([targets.sum(), (targets * position).sum(), hidden_sum, count])])
+    return torch.cat([values, -values])
 
 
 _FINGERPRINT_NAMES = (
     "number of tokens", "hidden size", "labels", "labels (order)", "hidden states", "num_items_in_batch",
 )
-_FINGERPRINT_LENGTH = 2 * len(_FINGERPRINT_NAMES)
 
 
-def _agree(group: dist.ProcessGroup, device: torch.device, error: Exception | None, fingerprint: list[float]) -> None:
+def _agree(group: dist.ProcessGroup, device: torch.device, error: Exception | None, fingerprint: Tensor | None) -> None:
     """One small all-reduce in which every rank says whether its inputs failed its own checks
     and shows its fingerprint; raises the same ``ValueError`` on every rank unless all ranks
     passed and agree. A rank's own error is re-raised there, as the cause."""
-    flags = torch.tensor([1.0 if error is not None else 0.0] + (fingerprint or [0.0] * _FINGERPRINT_LENGTH),
-                         dtype=torch.float64, device=device)
+    if fingerprint is None:
+        fingerprint = torch.zeros(2 * len(_FINGERPRINT_NAMES), dtype=torch.float64, device=device)
+    failed_here = torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64, device=device)
+    flags = torch.cat([failed_here, fingerprint])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     if flags[0] > 0:
         messages: list = [None] * dist.get_world_size(group)
@@ -151,7 +152,8 @@ def _agree(group: dist.ProcessGroup, device: torch.device, error: Exception | No
         raise ValueError(
             f"fused.linear_cross_entropy (vocabulary-parallel): bad input on some rank: {failed}"
         ) from error
-    highs, lows = flags[1::2].tolist(), [-v for v in flags[2::2].tolist()]
+    half = len(_FINGERPRINT_NAMES)
+    highs, lows = flags[1 : 1 + half].tolist(), (-flags[1 + half :]).tolist()
     differ = [name for name, hi, lo in zip(_FINGERPRINT_NAMES, highs, lows) if hi != lo]
     if differ:
         raise ValueError(
