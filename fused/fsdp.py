@@ -43,6 +43,15 @@ def fsdp_gathers_head(model: nn.Module, head: nn.Module) -> bool:
     return is_fsdp_module(head) or is_fsdp_module(model)
 
 
+def head_layout(model: nn.Module, head: nn.Module) -> str:
+    """How the patched loss finds the head's weight, for the patch report."""
+    if is_fsdp_module(head):
+        return "FSDP2, head sharded on its own: gathered by its own forward hooks for the loss"
+    if is_fsdp_module(model):
+        return "FSDP2, head in the model's parameter group: gathered for the model's forward"
+    return "whole on this process (one process, or data parallel)"
+
+
 def run_in_fsdp_forward(module: nn.Module, compute: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
     """``compute(hidden)`` run as a forward of the FSDP2 module ``module``, inside its
     pre-forward (gather the parameters; ``hidden`` comes back wrapped so that its gradient

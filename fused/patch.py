@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.fsdp import fsdp_gathers_head, is_fsdp_module, run_in_fsdp_forward, through_module_call
+from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, run_in_fsdp_forward, through_module_call
 from fused.linear_cross_entropy import check_size, linear_cross_entropy
 from fused.vocab_parallel import is_dtensor
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
@@ -108,12 +108,14 @@ class PatchReport:
     stock_accepts_loss_kwargs: bool | None = None
     verification: Verification | None = None
     calls: PatchCalls = field(default_factory=PatchCalls)
+    layout: str = ""  # how the head's weight is laid out across processes (fused.fsdp.head_layout)
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {'patched' if self.patched else 'not patched'} ({self.reason})"]
         if self.patched:
             lines += [
                 f"  head: {self.head}; loss: {self.loss}",
+                f"  layout: {self.layout}",
                 f"  transforms: {', '.join(self.transforms) or 'none'}",
                 f"  num_items_in_batch reaches the loss: {self.uses_num_items_in_batch}; "
                 f"accepts_loss_kwargs {self.stock_accepts_loss_kwargs} -> {self.accepts_loss_kwargs}",
@@ -328,6 +330,7 @@ def _fused_forward(model: nn.Module, state: _PatchState, args: tuple, kwargs: di
             raise RuntimeError(f"fused.patch_model: the fused loss failed with a cache passed in: {error}") from error
         return _fall_back(model, state, f"{type(error).__name__}: {error}", args, kwargs)
     state.report.calls.fused += 1
+    state.report.layout = head_layout(model, head)  # sharding may come after patch_model
     return _without_logits(output, (capture.output, capture.call.logits))
 
 
@@ -417,6 +420,7 @@ def _examine(
                 uses_num_items_in_batch=wiring.uses_num_items_in_batch,
                 accepts_loss_kwargs=wiring.uses_num_items_in_batch,
                 stock_accepts_loss_kwargs=trainer_accepts_loss_kwargs(model)[0],
+                layout=head_layout(model, head),
             )
             state = _PatchState(
                 report=report,

@@ -83,7 +83,7 @@ def _fsdp_runs(layouts: dict) -> dict:
         else:
             report = fused.patch_model(_shard(model, mesh, own_head, reshard, mixed))
         assert report.patched, f"{name}: {report.reason}"
-        out[name] = (*_step(model, batch), fused.patch_report(model).calls.fused)
+        out[name] = (*_step(model, batch), fused.patch_report(model).calls.fused, fused.patch_report(model).layout)
     return out
 
 
@@ -129,8 +129,10 @@ def test_patched_fsdp2_model_has_the_stock_gradients(fsdp_results, name):
     _, _, reshard, mixed = LAYOUTS[name]
     for r, out in enumerate(fsdp_results):
         stock_loss, stock_grads = out[("stock", reshard, mixed)]
-        loss, grads, fused_calls = out[name]
+        loss, grads, fused_calls, layout = out[name]
         assert fused_calls == 1, f"rank {r}: the fused loss did not run"
+        own_head = LAYOUTS[name][1]
+        assert layout.startswith("FSDP2, head sharded on its own" if own_head else "FSDP2, head in the model's"), layout
         torch.testing.assert_close(loss, stock_loss, rtol=RTOL, atol=ATOL, msg=f"rank {r}")
         assert grads.keys() == stock_grads.keys()
         for param, grad in stock_grads.items():
