@@ -28,6 +28,10 @@ mean over valid targets, or sum / ``num_items_in_batch``, int or tensor, used as
 ``F.cross_entropy`` (labels as given, its ``reduction``, ``ignore_index`` and
 ``label_smoothing``). In 16-bit models the logit transform runs in float32 inside the
 kernel, where the stock head rounds it to the model's dtype.
+
+Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are patched too:
+the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
+``layout`` says which way.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from torch import Tensor, nn
 
 from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, run_in_fsdp_forward, through_module_call
 from fused.linear_cross_entropy import check_size, linear_cross_entropy
-from fused.vocab_parallel import is_dtensor
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
 from fused.patch_probe import (
@@ -55,6 +58,7 @@ from fused.patch_probe import (
     verify,
 )
 from fused.patch_transform import LogitTransform
+from fused.vocab_parallel import is_dtensor
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
 _STATE = "_fused_patch"
@@ -271,7 +275,7 @@ def _sharded_head_parameter(model: nn.Module, head: nn.Module) -> str | None:
                 "the stock loss does not run on such a head, so there is nothing to verify a patch against; "
                 "fused.linear_cross_entropy(hidden, weight, labels) takes a Shard(0) weight directly"
             )
-        if parameter.numel() == 0 or hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor":
+        if parameter.numel() == 0 or hasattr(parameter, "ds_id"):
             return f"the head's parameter {name} is sharded (ZeRO-3 / FSDP)"
     return None
 
