@@ -41,7 +41,6 @@ without vocabulary blocks or gradients in the forward pass.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 
-from rank_processes import COLLECTIVE_TIMEOUT, device, rank, run_ranks
+from rank_processes import COLLECTIVE_TIMEOUT, rank, run_ranks
 
 
 def _rank_one_raises() -> None:
