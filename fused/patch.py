@@ -28,6 +28,10 @@ mean over valid targets, or sum / ``num_items_in_batch``, int or tensor, used as
 ``F.cross_entropy`` (labels as given, its ``reduction``, ``ignore_index`` and
 ``label_smoothing``). In 16-bit models the logit transform runs in float32 inside the
 kernel, where the stock head rounds it to the model's dtype.
+
+Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are patched too:
+the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
+``layout`` says which way.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from fused.api import linear_cross_entropy
-from reference.input_checks import check_size
+from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, run_in_fsdp_forward, through_module_call
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
 from fused.patch_probe import (
@@ -54,6 +58,8 @@ from fused.patch_probe import (
     verify,
 )
 from fused.patch_transform import LogitTransform
+from reference.input_checks import check_size
+from fused.vocab_parallel import is_dtensor
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
 _STATE = "_fused_patch"
@@ -107,12 +113,14 @@ class PatchReport:
     stock_accepts_loss_kwargs: bool | None = None
     verification: Verification | None = None
     calls: PatchCalls = field(default_factory=PatchCalls)
+    layout: str = ""  # how the head's weight is laid out across processes (fused.fsdp.head_layout)
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {'patched' if self.patched else 'not patched'} ({self.reason})"]
         if self.patched:
             lines += [
                 f"  head: {self.head}; loss: {self.loss}",
+                f"  layout: {self.layout}",
                 f"  transforms: {', '.join(self.transforms) or 'none'}",
                 f"  num_items_in_batch reaches the loss: {self.uses_num_items_in_batch}; "
                 f"accepts_loss_kwargs {self.stock_accepts_loss_kwargs} -> {self.accepts_loss_kwargs}",
@@ -256,10 +264,19 @@ def _without_logits(output: Any, placeholders: tuple[Tensor | None, ...]) -> Any
     return output
 
 
-def _sharded_head_parameter(head: nn.Module) -> str | None:
-    """Why the head's weights cannot be read outside its forward (ZeRO-3, FSDP), or None."""
+def _sharded_head_parameter(model: nn.Module, head: nn.Module) -> str | None:
+    """Why the head's weights cannot be read outside its forward (ZeRO-3, FSDP1), or None.
+    FSDP2 gathers them around the forward the loss runs in (``fused.fsdp``)."""
+    if fsdp_gathers_head(model, head):
+        return None
     for name, parameter in head.named_parameters():
-        if parameter.numel() == 0 or hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor":
+        if is_dtensor(parameter):
+            return (
+                f"the head's parameter {name} is a DTensor placed {tuple(parameter.placements)} (tensor parallelism): "
+                "the stock loss does not run on such a head, so there is nothing to verify a patch against; "
+                "fused.linear_cross_entropy(hidden, weight, labels) takes a Shard(0) weight directly"
+            )
+        if parameter.numel() == 0 or hasattr(parameter, "ds_id"):
             return f"the head's parameter {name} is sharded (ZeRO-3 / FSDP)"
     return None
 
@@ -275,7 +292,7 @@ def _unavailable(model: nn.Module, state: _PatchState) -> str | None:
         head_kind(head, None)
     except UnsupportedHead as error:
         return str(error)
-    return _sharded_head_parameter(head)
+    return _sharded_head_parameter(model, head)
 
 
 def _fall_back(model: nn.Module, state: _PatchState, reason: str, args: tuple, kwargs: dict) -> Any:
@@ -297,6 +314,8 @@ def _fused_forward(model: nn.Module, state: _PatchState, args: tuple, kwargs: di
 
     def loss(call: LossCall, hidden: Tensor) -> Tensor:
         try:
+            if is_fsdp_module(head):  # sharded on its own: gathered only inside its forward
+                return run_in_fsdp_forward(head, lambda rows: _fused_loss(head, state, call, rows), hidden)
             return _fused_loss(head, state, call, hidden)
         except ValueError as error:  # the kernel's input validation: a caller error, not a fallback
             if not isinstance(error, UnsupportedHead):
@@ -316,6 +335,7 @@ def _fused_forward(model: nn.Module, state: _PatchState, args: tuple, kwargs: di
             raise RuntimeError(f"fused.patch_model: the fused loss failed with a cache passed in: {error}") from error
         return _fall_back(model, state, f"{type(error).__name__}: {error}", args, kwargs)
     state.report.calls.fused += 1
+    state.report.layout = head_layout(model, head)  # sharding may come after patch_model
     return _without_logits(output, (capture.output, capture.call.logits))
 
 
@@ -375,7 +395,7 @@ def _examine(
         kind = head_kind(head, model.get_input_embeddings())
     except UnsupportedHead as error:
         return _refuse(model, str(error))
-    sharded = _sharded_head_parameter(head)
+    sharded = _sharded_head_parameter(model, head)
     if sharded is not None:
         return _refuse(model, sharded, kind)
     if model.loss_function is not stock_causal_lm_loss():
@@ -383,6 +403,8 @@ def _examine(
         return _refuse(model, f"model.loss_function is {name}, not ForCausalLMLoss: the custom loss is kept", kind)
 
     forward = vars(model).get("forward") or type(model).forward.__get__(model)
+    if is_fsdp_module(model):  # its hooks gather the parameters the probe's forwards need
+        forward = through_module_call(model, forward)
     generator = torch.Generator().manual_seed(seed)
     state = None
     with probing(model), torch.enable_grad(), warnings.catch_warnings():
@@ -403,6 +425,7 @@ def _examine(
                 uses_num_items_in_batch=wiring.uses_num_items_in_batch,
                 accepts_loss_kwargs=wiring.uses_num_items_in_batch,
                 stock_accepts_loss_kwargs=trainer_accepts_loss_kwargs(model)[0],
+                layout=head_layout(model, head),
             )
             state = _PatchState(
                 report=report,
@@ -415,6 +438,8 @@ def _examine(
             )
             # The patched path runs here in eval mode, installed nowhere.
             patched = lambda **kw: _fused_forward(model, state, (), kw)  # noqa: E731
+            if is_fsdp_module(model):
+                patched = through_module_call(model, patched)
             count = torch.tensor(int((labels[..., 1:] != -100).sum()) + 3) if wiring.uses_num_items_in_batch else None
             verification = verify(forward, patched, head, {**inputs, "labels": labels}, count)
         except Exception as error:  # refusing is always allowed; the reason says what happened
