@@ -31,7 +31,7 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fused.patch import patch_model, patch_report, unpatch_model
+from fused.hf.patch import patch_model, patch_report, unpatch_model
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -160,10 +160,10 @@ def test_patch_model_is_idempotent_and_leaves_the_rng_alone():
 
 
 def test_memory_budget_reaches_the_kernel(monkeypatch):
-    import fused.patch
+    import fused.hf.forward
 
     budgets = []
-    kernel = fused.patch.linear_cross_entropy
+    kernel = fused.hf.forward.linear_cross_entropy
 
     def spy(*args, **kwargs):
         budgets.append(kwargs["memory_budget"])
@@ -171,7 +171,7 @@ def test_memory_budget_reaches_the_kernel(monkeypatch):
 
     model = llama()
     report = patch_model(model, memory_budget=3 << 20)
-    monkeypatch.setattr(fused.patch, "linear_cross_entropy", spy)
+    monkeypatch.setattr(fused.hf.forward, "linear_cross_entropy", spy)
     loss_and_grads(model, **batch())
     assert patch_model(model, memory_budget=5 << 20) is report  # still idempotent: the budget moves
     loss_and_grads(model, **batch())

@@ -1,0 +1,9 @@
+"""The transformers patcher: ``patch_model`` makes one Hugging Face causal LM compute its training
+loss with the fused kernel (``patch``: probe, install, remove; ``forward``: the patched forward;
+``capture``: the head and loss seams; ``head``: PEFT heads as linear operands; ``transform``:
+logit transforms by measurement; ``probe``: the patch-time checks; ``report``: what was done)."""
+
+from fused.hf.patch import patch_model, patch_report, unpatch_model
+from fused.hf.report import PatchReport
+
+__all__ = ["PatchReport", "patch_model", "patch_report", "unpatch_model"]
