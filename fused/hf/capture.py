@@ -1,9 +1,9 @@
-"""Run a model's own forward with its head output and its loss call intercepted.
+"""The two seams the patcher cuts in a model's own forward: its head output and its loss call.
 
 A transformers causal LM computes ``logits = lm_head(hidden)``, maybe transforms them, and
 computes its loss from them. Everything before the head (the backbone, multimodal merging,
 ``logits_to_keep`` slicing) and after the loss (the MoE auxiliary loss, the output class,
-``return_dict``) is the model's own code and stays so. Only two seams are cut, for one call:
+``return_dict``) is the model's own code and stays so. ``Seams`` cuts two places:
 
 - the head: a forward pre-hook records its input ``hidden`` and hands the head an empty
   batch (so no ``(N, V)`` logits are computed), a forward hook replaces the empty output by
@@ -18,17 +18,22 @@ computes its loss from them. Everything before the head (the backbone, multimoda
   ``HeadOutput``s and whose ``cross_entropy`` is answered by the capture. Either way the call
   is bound to the intercepted function's signature and handed to ``loss(call, hidden)``.
 
-Nothing outside the model instance changes, so another thread (or another model) running at
-the same time sees nothing of the capture. Hooks go through ``nn.Module.__call__``, so other
-hooks on the head (accelerate, PEFT) still run. Anything but "head once, then loss once"
-raises ``CaptureError``.
+The seams stay installed while a model is patched (hooks and attributes set once, so
+``torch.compile`` traces a patched forward without registering anything) and do nothing
+unless a capture is active on the calling thread: another thread, or an evaluation call,
+sees the model's stock head and loss. Nothing outside the model instance changes. Hooks go
+through ``nn.Module.__call__``, so other hooks on the head (accelerate, PEFT) still run.
+Anything but "head once, then loss once" raises ``CaptureError``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +83,7 @@ class HeadOutput(Tensor):
     capture_ref: weakref.ref | None = None
 
     @property
-    def capture(self) -> HeadLossCapture | None:
+    def capture(self) -> Capture | None:
         return self.capture_ref() if self.capture_ref is not None else None
 
     @classmethod
@@ -88,7 +93,7 @@ class HeadOutput(Tensor):
         capture_ref = next((ref for ref in tagged if ref is not None), None)
         capture = capture_ref() if capture_ref is not None else None
         if func is F.cross_entropy and capture is not None:
-            return capture._intercept(CROSS_ENTROPY, F.cross_entropy, args, kwargs)
+            return capture.intercept(CROSS_ENTROPY, F.cross_entropy, args, kwargs)
         result = super().__torch_function__(func, types, args, kwargs)
 
         def tag(value: Any) -> Any:
@@ -113,36 +118,25 @@ def loss_function_owners(model: nn.Module, head: nn.Module) -> list[nn.Module]:
     return owners
 
 
-class HeadLossCapture:
-    """Context manager intercepting ``head`` and the loss (see the module docstring) during
-    one forward of ``model``.
-
-    ``head_output(hidden, vocab) -> Tensor`` replaces the head's output, ``vocab`` being the
-    head's output width; ``loss(call, hidden) -> Tensor`` replaces the loss, ``call`` a
-    ``LossCall``. ``cross_entropy``: also catch ``F.cross_entropy`` on the head's output (which
-    is then a ``HeadOutput``). After the forward, ``hidden`` is the head's input, ``output``
-    what replaced the head's output, ``call`` the intercepted loss call and ``calls`` the order
-    of events.
-    """
+class Capture:
+    """One forward's record at the seams: ``hidden`` the head's input, ``output`` what replaced
+    the head's output, ``call`` the intercepted loss call, ``calls`` the order of events.
+    ``head_output(hidden, vocab) -> Tensor`` replaces the head's output (``vocab`` the head's
+    output width); ``loss(call, hidden) -> Tensor`` answers the loss call."""
 
     def __init__(
         self,
-        model: nn.Module,
-        head: nn.Module,
         head_output: Callable[[Tensor, int], Tensor],
         loss: Callable[[LossCall, Tensor], Tensor],
-        cross_entropy: bool = True,
+        cross_entropy: bool,
     ) -> None:
-        self.model, self.head = model, head
         self._head_output, self._loss, self._cross_entropy = head_output, loss, cross_entropy
         self.hidden: Tensor | None = None
         self.output: Tensor | None = None
         self.call: LossCall | None = None
         self.calls: list[str] = []
-        self._handles: list = []
-        self._swapped: list[tuple[nn.Module, dict[str, Any]]] = []
 
-    def _before_head(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def before_head(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.calls.append("head")
         if len(self.calls) > 1:
             raise CaptureError(f"the head was called after {self.calls[:-1]}; expected it once, before the loss")
@@ -153,7 +147,7 @@ class HeadLossCapture:
         empty = hidden.new_empty((0, hidden.shape[-1]))
         return ((empty,) + tuple(args[1:]), kwargs) if args else ((empty,), {})
 
-    def _after_head(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def after_head(self, output: Tensor) -> Tensor:
         if not isinstance(output, Tensor):
             raise CaptureError(f"the head returned a {type(output).__name__}, not a tensor")
         self.output = self._head_output(self.hidden, output.shape[-1])
@@ -162,7 +156,7 @@ class HeadLossCapture:
             self.output.capture_ref = weakref.ref(self)
         return self.output
 
-    def _intercept(self, kind: str, function: Callable, args: tuple, kwargs: dict) -> Tensor:
+    def intercept(self, kind: str, function: Callable, args: tuple, kwargs: dict) -> Tensor:
         self.calls.append("loss")
         if self.calls != ["head", "loss"]:
             raise CaptureError(f"the loss was called after {self.calls[:-1]}; expected after one head call")
@@ -173,9 +167,6 @@ class HeadLossCapture:
         bound.apply_defaults()
         self.call = LossCall(kind, dict(bound.arguments))
         return self._loss(self.call, self.hidden)
-
-    def _loss_function_call(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._intercept(LOSS_FUNCTION, stock_causal_lm_loss(), args, kwargs)
 
     def is_head_output(self, value: Any) -> bool:
         """Whether ``value`` is the head's replacement output or was computed from it."""
@@ -188,39 +179,131 @@ class HeadLossCapture:
         if self.calls != ["head", "loss"]:
             raise CaptureError(f"expected the head, then the loss, once each; saw {self.calls or 'neither'}")
 
-    def __enter__(self) -> HeadLossCapture:
-        self._handles = [
-            self.head.register_forward_pre_hook(self._before_head, with_kwargs=True),
-            self.head.register_forward_hook(self._after_head),
-        ]
-        replacement = self._loss_function_call
-        for owner in loss_function_owners(self.model, self.head):
-            # Whatever instance attribute the loss_function setter writes (transformers:
-            # _loss_function) is found by identity and put back on exit.
-            before = dict(vars(owner))
-            try:
-                owner.loss_function = replacement
-            except AttributeError as error:
-                self.__exit__(None, None, None)
-                raise CaptureError(f"loss_function cannot be overridden on {type(owner).__name__}: {error}") from error
-            swapped = {k: before.get(k, _MISSING) for k, v in vars(owner).items() if v is replacement}
-            self._swapped.append((owner, swapped))
-            if not swapped:
-                self.__exit__(None, None, None)
-                raise CaptureError(f"setting loss_function did not take effect on {type(owner).__name__}")
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+class LossSeam:
+    """What a loss owner's ``loss_function`` is while the seams are installed: the active
+    capture's loss, or, idle, the loss function the owner had."""
+
+    def __init__(self, seams: Seams, previous: Callable) -> None:
+        self.seams, self.previous = seams, previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        capture = self.seams.active
+        if capture is None:
+            return self.previous(*args, **kwargs)
+        return capture.intercept(LOSS_FUNCTION, stock_causal_lm_loss(), args, kwargs)
+
+
+class Seams:
+    """The head and loss seams of ``model`` (see the module docstring), installed on creation and
+    taken out by ``remove``. ``capturing(...)`` activates a ``Capture`` on the calling thread for
+    one forward; ``attach(head)`` moves the head's hooks to another module (PEFT wrapped the
+    head after patching)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+        self.model = model
+        self.head: nn.Module | None = None
+        self._local = threading.local()
+        self._handles: list = []
+        self.loss_seams: list[tuple[nn.Module, LossSeam, dict[str, Any]]] = []
+        try:
+            for owner in loss_function_owners(model, head):
+                self._install_loss_seam(owner)
+            self.attach(head)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install_loss_seam(self, owner: nn.Module) -> None:
+        seam = LossSeam(self, owner.loss_function)
+        # Whatever instance attribute the loss_function setter writes (transformers:
+        # _loss_function) is found by identity and put back by remove().
+        before = dict(vars(owner))
+        try:
+            owner.loss_function = seam
+        except AttributeError as error:
+            raise CaptureError(f"loss_function cannot be overridden on {type(owner).__name__}: {error}") from error
+        swapped = {k: before.get(k, _MISSING) for k, v in vars(owner).items() if v is seam}
+        self.loss_seams.append((owner, seam, swapped))
+        if not swapped:
+            raise CaptureError(f"setting loss_function did not take effect on {type(owner).__name__}")
+
+    def attach(self, head: nn.Module) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
-        for owner, swapped in self._swapped:
+        self._handles = [
+            head.register_forward_pre_hook(self._before_head, with_kwargs=True),
+            head.register_forward_hook(self._after_head),
+        ]
+        self.head = head
+
+    @property
+    def active(self) -> Capture | None:
+        return getattr(self._local, "capture", None)
+
+    def _before_head(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        capture = self.active
+        return None if capture is None else capture.before_head(args, kwargs)
+
+    def _after_head(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        capture = self.active
+        return None if capture is None else capture.after_head(output)
+
+    @contextmanager
+    def capturing(
+        self,
+        head_output: Callable[[Tensor, int], Tensor],
+        loss: Callable[[LossCall, Tensor], Tensor],
+        cross_entropy: bool = True,
+    ) -> Iterator[Capture]:
+        """A ``Capture`` active on this thread inside the block (``cross_entropy``: also catch
+        ``F.cross_entropy`` on the head's output, which is then a ``HeadOutput``)."""
+        if self.active is not None:
+            raise CaptureError("the model's forward was entered again inside a captured forward")
+        capture = Capture(head_output, loss, cross_entropy)
+        self._local.capture = capture
+        try:
+            yield capture
+        finally:
+            self._local.capture = None
+
+    @contextmanager
+    def idle(self) -> Iterator[None]:
+        """The stock head and loss inside the block, on this thread, even within a capture."""
+        capture, self._local.capture = self.active, None
+        try:
+            yield
+        finally:
+            self._local.capture = capture
+
+    def replaced_loss_function(self) -> str | None:
+        """Which owner's ``loss_function`` was set to something else since installation, or None."""
+        for owner, seam, _ in self.loss_seams:
+            if owner.loss_function is not seam:
+                return f"{type(owner).__name__}.loss_function"
+        return None
+
+    def remove(self) -> None:
+        """Take every seam out: the head's hooks and each owner's ``loss_function`` as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.head = [], None
+        for owner, _, swapped in self.loss_seams:
             for name, previous in swapped.items():
                 if previous is _MISSING:
                     vars(owner).pop(name, None)
                 else:
                     vars(owner)[name] = previous
-        self._swapped = []
+        self.loss_seams = []
+
+    def __deepcopy__(self, memo: dict) -> Seams:
+        # A thread-local slot cannot be copied, and a copy has no capture under way.
+        clone = Seams.__new__(Seams)
+        memo[id(self)] = clone
+        memo[id(_MISSING)] = _MISSING  # the marker of "no attribute before" must stay itself
+        for name, value in vars(self).items():
+            setattr(clone, name, threading.local() if name == "_local" else copy.deepcopy(value, memo))
+        return clone
 
 
 def plain(value: Any) -> Any:

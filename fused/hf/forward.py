@@ -10,15 +10,18 @@ stock forward instead, with a ``RuntimeWarning``.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fused.hf.capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, plain, stock_causal_lm_loss
+from fused.hf.capture import LOSS_FUNCTION, Capture, CaptureError, LossCall, Seams, plain
 from fused.hf.config import config_leaves
 from fused.hf.head import UnsupportedHead, fold_head, head_kind
 from fused.hf.report import PatchReport
@@ -26,20 +29,52 @@ from fused.hf.transform import LogitTransform
 from fused.linear_cross_entropy import linear_cross_entropy
 
 STATE = "_fused_patch"
+# Live patch states by serial number, for count_call (see there).
+_STATES: weakref.WeakValueDictionary[int, PatchState] = weakref.WeakValueDictionary()
+_SERIALS = itertools.count()
+
+
+def count_call(serial: int, kind: str) -> None:
+    """Add one call of ``kind`` (``'fused'``, ``'stock'``) to the counters of the patch state
+    numbered ``serial``. Its arguments are constants, so torch.compile runs it after the graph
+    (a reorderable logging function) instead of tracing it: a traced ``calls.fused += 1``
+    would guard on the count and recompile at every call."""
+    state = _STATES.get(serial)
+    if state is not None:
+        calls = state.report.calls
+        setattr(calls, kind, getattr(calls, kind) + 1)
+
+
+torch._dynamo.config.reorderable_logging_functions.add(count_call)
 
 
 @dataclass
 class PatchState:
     """Everything the patched forward needs, kept in the model's ``__dict__`` (so a deep copy
-    of the model carries its own)."""
+    of the model carries its own, with its own serial number)."""
 
     report: PatchReport
     transform: LogitTransform
     fingerprint: tuple
+    seams: Seams
     previous_forward: Any
     previous_accepts_loss_kwargs: tuple  # () when the instance had none, else (value,)
     signature: inspect.Signature | None = None
     memory_budget: int | None = None  # the kernel's knob; None: its default
+    warned: set[str] = field(default_factory=set)  # fallback reasons already warned about
+    serial: int = -1  # set by __post_init__
+
+    def __post_init__(self) -> None:
+        self.serial = next(_SERIALS)
+        _STATES[self.serial] = self
+
+    def __deepcopy__(self, memo: dict) -> PatchState:
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        for name, value in vars(self).items():
+            setattr(clone, name, copy.deepcopy(value, memo))
+        clone.__post_init__()
+        return clone
 
 
 def fingerprint(model: nn.Module, transform: LogitTransform) -> tuple:
@@ -135,7 +170,7 @@ def _fused_loss(head: nn.Module, state: PatchState, call: LossCall, hidden: Tens
     )
 
 
-def _without_logits(output: Any, capture: HeadLossCapture) -> Any:
+def _without_logits(output: Any, capture: Capture) -> Any:
     """``output`` with the placeholder logits set to None; tuple positions are kept."""
     if isinstance(output, tuple):
         return tuple(None if capture.is_head_output(v) else v for v in output)
@@ -153,9 +188,11 @@ def sharded_head_parameter(head: nn.Module) -> str | None:
 
 
 def _unavailable(model: nn.Module, state: PatchState) -> str | None:
-    """Why a training call cannot take the fused path now, or None."""
-    if model.loss_function is not stock_causal_lm_loss():
-        return "model.loss_function is not transformers' ForCausalLMLoss (a custom loss is used as is)"
+    """Why a training call cannot take the fused path now, or None: decided before the forward
+    runs, so the stock forward that runs instead runs once."""
+    replaced = state.seams.replaced_loss_function()
+    if replaced is not None:
+        return f"{replaced} was replaced after patch_model (a custom loss is used as is)"
     if fingerprint(model, state.transform) != state.fingerprint:
         return "the config's float values changed since patch_model (run unpatch_model and patch_model again)"
     head = model.get_output_embeddings()
@@ -166,47 +203,66 @@ def _unavailable(model: nn.Module, state: PatchState) -> str | None:
     return sharded_head_parameter(head)
 
 
-def _fall_back(model: nn.Module, state: PatchState, reason: str, args: tuple, kwargs: dict) -> Any:
+def _note_fallback(model: nn.Module, state: PatchState, reason: str, instead: str) -> None:
+    """Count a training call the fused kernel did not serve; warn once per reason and model."""
     state.report.calls.fallback += 1
-    state.report.calls.last_fallback = reason
-    message = f"fused.patch_model: {type(model).__name__} ran its stock loss: {reason}"
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return stock_forward(model, state)(*args, **kwargs)
+    state.report.calls.last_fallback = f"{reason}; {instead}"
+    if reason not in state.warned:
+        state.warned.add(reason)
+        message = f"fused.patch_model: {type(model).__name__}: {reason}; {instead} (warned once)"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict) -> Any:
-    """One training forward with the loss from the fused kernel, or the stock forward with
-    a counted, warned fallback when the model does not follow the probed wiring."""
+def _stock_loss(head: nn.Module, state: PatchState, capture: Capture, call: LossCall, hidden: Tensor) -> Tensor:
+    """The intercepted ``call`` answered by the stock loss without running the body again: on
+    the logits the call was given if they are real, else on the head applied to its captured
+    input with the probed transform."""
+    arguments = dict(call.arguments)
+    logits_name = "logits" if call.kind == LOSS_FUNCTION else "input"
+    if capture.is_head_output(arguments[logits_name]):
+        with state.seams.idle():
+            logits = head(hidden)
+        logits = state.transform.apply(logits.float()).to(logits.dtype)
+        arguments[logits_name] = logits.reshape(*plain(arguments[logits_name]).shape[:-1], logits.shape[-1])
+    if call.kind == LOSS_FUNCTION:
+        extra = arguments.pop("kwargs", {})
+        return state.seams.loss_seams[0][1].previous(**arguments, **extra)
+    return torch.nn.functional.cross_entropy(**arguments)
+
+
+def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+    """One training forward, run once, and whether the fused kernel computed its loss. Where the
+    call does not follow the probed wiring, the stock loss instead (decided before the forward:
+    the stock forward; found at the loss: the stock loss on the captured head input), counted
+    as a fallback and warned once."""
     reason = _unavailable(model, state)
     if reason is not None:
-        return _fall_back(model, state, reason, args, kwargs)
+        _note_fallback(model, state, reason, "the stock forward ran instead")
+        return stock_forward(model, state)(*args, **kwargs), False
     head = model.get_output_embeddings()
-    failure: list[BaseException] = []
+    if head is not state.seams.head:  # PEFT wrapped the head after patching
+        state.seams.attach(head)
+    served_by_stock: list[str] = []
 
     def loss(call: LossCall, hidden: Tensor) -> Tensor:
         try:
             return _fused_loss(head, state, call, hidden)
-        except ValueError as error:  # the kernel's input validation: a caller error, not a fallback
-            if not isinstance(error, UnsupportedHead):
-                failure.append(error)
-            raise
+        except CaptureError as error:
+            served_by_stock.append(str(error))
+            _note_fallback(model, state, str(error), "the stock loss ran on the head's captured input instead")
+            return _stock_loss(head, state, state.seams.active, call, hidden)
 
-    capture = HeadLossCapture(
-        model, head, _placeholder_logits(state.report.loss), loss, cross_entropy=state.report.loss != LOSS_FUNCTION
-    )
+    kind = state.report.loss
+    with state.seams.capturing(_placeholder_logits(kind), loss, cross_entropy=kind != LOSS_FUNCTION) as capture:
+        output = stock_forward(model, state)(*args, **kwargs)
     try:
-        with capture:
-            output = stock_forward(model, state)(*args, **kwargs)
         capture.check_complete()
-    except Exception as error:
-        if (failure and error is failure[0]) or isinstance(error, torch.OutOfMemoryError):
-            raise
-        if kwargs.get("past_key_values") is not None:
-            # The failed attempt may have written to the caller's cache: a rerun could be wrong.
-            raise RuntimeError(f"fused.patch_model: the fused loss failed with a cache passed in: {error}") from error
-        return _fall_back(model, state, f"{type(error).__name__}: {error}", args, kwargs)
-    state.report.calls.fused += 1
-    return _without_logits(output, capture)
+    except CaptureError as error:
+        raise RuntimeError(
+            f"fused.patch_model: {type(model).__name__}'s training forward did not follow the probed wiring "
+            f"({error}); its output has no logits and is not used. Run the model unpatched (unpatch_model)."
+        ) from error
+    return _without_logits(output, capture), not served_by_stock
 
 
 class PatchedForward:
@@ -230,6 +286,11 @@ class PatchedForward:
                 state.signature = inspect.signature(stock_forward(model, state))
             labels = state.signature.bind_partial(*args).arguments.get("labels")
         if labels is None or not model.training:
-            state.report.calls.stock += 1
+            count_call(state.serial, "stock")
             return stock_forward(model, state)(*args, **kwargs)
-        return fused_forward(model, state, args, kwargs)
+        output, fused = fused_forward(model, state, args, kwargs)
+        if fused:
+            # Here, in the frame torch.compile(model) compiles: it runs a reorderable logging
+            # function after the graph only when the call sits in that frame itself.
+            count_call(state.serial, "fused")
+        return output

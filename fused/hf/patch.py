@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.hf.capture import stock_causal_lm_loss
-from fused.hf.forward import STATE, PatchedForward, PatchState, fingerprint, fused_forward, sharded_head_parameter
+from fused.hf.capture import CaptureError, Seams, loss_function_owners, stock_causal_lm_loss
+from fused.hf.forward import STATE, PatchedForward, PatchState, count_call, fingerprint, fused_forward, sharded_head_parameter
 from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
@@ -88,10 +88,26 @@ def _examine(
     sharded = sharded_head_parameter(head)
     if sharded is not None:
         return _refuse(model, sharded, kind)
-    if model.loss_function is not stock_causal_lm_loss():
-        name = getattr(model.loss_function, "__qualname__", type(model.loss_function).__name__)
-        return _refuse(model, f"model.loss_function is {name}, not ForCausalLMLoss: the custom loss is kept", kind)
+    for owner in loss_function_owners(model, head):
+        if owner.loss_function is not stock_causal_lm_loss():
+            loss = owner.loss_function
+            name = getattr(loss, "__qualname__", type(loss).__name__)
+            where = "model" if owner is model else type(owner).__name__
+            return _refuse(model, f"{where}.loss_function is {name}, not ForCausalLMLoss: the custom loss is kept", kind)
+    try:
+        seams = Seams(model, head)
+    except CaptureError as error:
+        return _refuse(model, str(error), kind)
+    report, state = _probe(model, head, kind, seams, example_inputs, seed)
+    if state is None:
+        seams.remove()
+    return report, state
 
+
+def _probe(
+    model: nn.Module, head: nn.Module, kind: str, seams: Seams, example_inputs: dict[str, Any] | None, seed: int
+) -> tuple[PatchReport, PatchState | None]:
+    """The probes of ``_examine`` on a model with its ``seams`` installed."""
     forward = vars(model).get("forward") or type(model).forward.__get__(model)
     generator = torch.Generator().manual_seed(seed)
     state = None
@@ -99,7 +115,7 @@ def _examine(
         warnings.simplefilter("ignore", RuntimeWarning)  # a fallback on the probe becomes the refusal
         try:
             inputs, labels, shape_source = _probe_batch(model, example_inputs, generator)
-            wiring = observe_wiring(model, head, forward, {**inputs, "labels": shape_source}, generator)
+            wiring = observe_wiring(model, seams, forward, {**inputs, "labels": shape_source}, generator)
             if labels is None:
                 vocab = min(wiring.transform.vocab or wiring.head_vocab, model.get_input_embeddings().weight.shape[0])
                 labels = probe_labels(shape_source, vocab, generator)
@@ -118,13 +134,19 @@ def _examine(
                 report=report,
                 transform=wiring.transform,
                 fingerprint=fingerprint(model, wiring.transform),
+                seams=seams,
                 previous_forward=vars(model).get("forward"),
                 previous_accepts_loss_kwargs=tuple(
                     vars(model)[name] for name in ("accepts_loss_kwargs",) if name in vars(model)
                 ),
             )
-            # The patched path runs here in eval mode, installed nowhere.
-            patched = lambda **kw: fused_forward(model, state, (), kw)  # noqa: E731
+            # The patched path runs here in eval mode, its forward installed nowhere yet.
+            def patched(**inputs: Any) -> Any:
+                output, fused = fused_forward(model, state, (), inputs)
+                if fused:
+                    count_call(state.serial, "fused")
+                return output
+
             count = torch.tensor(int((labels[..., 1:] != -100).sum()) + 3) if wiring.uses_num_items_in_batch else None
             verification = verify(forward, patched, head, {**inputs, "labels": labels}, count)
         except Exception as error:  # refusing is always allowed; the reason says what happened
@@ -142,6 +164,7 @@ def _examine(
         return _refuse(model, f"patched and stock differ on the probe batch: {verification.describe()}", kind)
     state.report.verification = verification
     state.report.calls = PatchCalls()
+    state.warned = set()
     return state.report, state
 
 
@@ -183,7 +206,7 @@ def patch_model(
 
 
 def unpatch_model(model: nn.Module) -> bool:
-    """Restore the stock forward and ``accepts_loss_kwargs`` of a patched model.
+    """Restore the stock forward, head, ``loss_function`` and ``accepts_loss_kwargs`` of a patched model.
 
     Returns True if a patch was removed, False if the model was not patched. Raises
     ``RuntimeError``, changing nothing, when ``forward`` was wrapped again after the patch
@@ -201,6 +224,7 @@ def unpatch_model(model: nn.Module) -> bool:
             "first (accelerate: accelerator.unwrap_model(model, keep_fp32_wrapper=False)), or keep the patch."
         )
     state = vars(target).pop(STATE)
+    state.seams.remove()
     if state.previous_forward is None:
         vars(target).pop("forward", None)
     else:

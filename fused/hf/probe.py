@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.hf.capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, plain
+from fused.hf.capture import LOSS_FUNCTION, CaptureError, LossCall, Seams, plain
 from fused.hf.config import config_leaves
 from fused.hf.transform import LogitTransform, fit_transform, numeric_constants, probe_logits
 from reference.model_probing import evaluating, loss_of
@@ -172,10 +172,11 @@ def _count_value(count: Any) -> float | None:
 
 
 def observe_wiring(
-    model: nn.Module, head: nn.Module, forward: Callable, inputs: dict[str, Any], generator: torch.Generator
+    model: nn.Module, seams: Seams, forward: Callable, inputs: dict[str, Any], generator: torch.Generator
 ) -> Wiring:
-    """Probe 1 (see the module docstring). ``forward`` is the stock forward; ``inputs`` holds
-    the model inputs and ``labels``. Raises ``ProbeRefusal`` naming what does not fit."""
+    """Probe 1 (see the module docstring). ``seams``: installed on ``model``; ``forward`` is the
+    stock forward; ``inputs`` holds the model inputs and ``labels``. Raises ``ProbeRefusal``
+    naming what does not fit."""
     seen: dict[str, Any] = {}
 
     def head_output(hidden: Tensor, vocab: int) -> Tensor:
@@ -189,8 +190,7 @@ def observe_wiring(
 
     def run(extra: dict[str, Any]) -> None:
         seen.clear()
-        capture = HeadLossCapture(model, head, head_output, record_loss)
-        with capture:
+        with seams.capturing(head_output, record_loss) as capture:
             forward(**inputs, **extra)
         capture.check_complete()
 
