@@ -18,8 +18,15 @@ stock against patched loss and gradients on a tiny batch; anything that does not
 is refused and the model left exactly as it was. The report records what was folded and
 the verification errors, and counts the calls that took the fused path, the stock path or
 fell back, so "silently inactive" shows up as numbers. A training call that does not
-follow the probed wiring (the config's floats changed, a custom ``loss_function`` was set,
-the head became something else) runs the stock forward instead, with a ``RuntimeWarning``.
+follow the probed wiring still runs the model body once: what is known before the forward
+(the config's floats changed, a custom ``loss_function`` was set, the head became something
+else) runs the stock forward instead; what only the loss call shows (class weights on
+``cross_entropy``) gets the stock loss on the head's captured input. Either is counted as a
+fallback and warned about once per reason (``RuntimeWarning``).
+
+The seams (``fused.hf.capture``) stay installed while the model is patched, idle outside a
+training call, so ``torch.compile(model, fullgraph=True)`` traces a patched training forward
+in one graph.
 
 Outputs of fused calls carry ``logits=None`` (a ``return_dict=False`` tuple keeps ``None``
 at the logits position, so positions match the stock tuple). The loss follows the call the

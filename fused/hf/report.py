@@ -14,8 +14,11 @@ class PatchCalls:
 
     ``fused``: training calls with labels whose loss came from the fused kernel.
     ``stock``: calls without labels or in eval mode, passed to the stock forward untouched.
-    ``fallback``: training calls with labels that ran the stock forward instead, each with
-    a ``RuntimeWarning``; ``last_fallback`` says why.
+    ``fallback``: training calls with labels whose loss the stock code computed instead (the
+    stock forward, or the stock loss on the head's captured input: the body runs once either
+    way), warned once per reason; ``last_fallback`` says why and what ran.
+    Under ``torch.compile`` the counts are kept when the model itself is compiled
+    (``torch.compile(model)``); a call inlined into a larger compiled function is not counted.
     """
 
     fused: int = 0
