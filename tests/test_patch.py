@@ -615,7 +615,7 @@ def test_a_call_found_unservable_before_the_forward_runs_the_stock_forward_once(
     report = patch_model(model)
     model.config.rms_norm_eps = 1e-3  # a float of the config: the transform may have changed
     WeightedLlama.backbone_runs = 0
-    with pytest.warns(RuntimeWarning, match="the stock forward ran instead"):
+    with pytest.warns(RuntimeWarning, match="the unpatched forward ran instead"):
         output = loss_and_grads(model, **batch())[0]
     assert WeightedLlama.backbone_runs == 1 and output.logits is not None
     assert (report.calls.fused, report.calls.fallback) == (0, 1)

@@ -187,9 +187,13 @@ def sharded_head_parameter(head: nn.Module) -> str | None:
     return None
 
 
-def _unavailable(model: nn.Module, state: PatchState) -> str | None:
+def _unavailable(model: nn.Module, state: PatchState, kwargs: dict) -> str | None:
     """Why a training call cannot take the fused path now, or None: decided before the forward
     runs, so the stock forward that runs instead runs once."""
+    if kwargs.get("fused_lm_head"):
+        # TRL's add_fused_lm_head forward, wrapped by this patch: it runs the backbone and its
+        # own tiled head, never the head module or the loss call the patch replaces.
+        return "the call asks for TRL's fused LM head (fused_lm_head=True)"
     replaced = state.seams.replaced_loss_function()
     if replaced is not None:
         return f"{replaced} was replaced after patch_model (a custom loss is used as is)"
@@ -235,9 +239,9 @@ def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict
     call does not follow the probed wiring, the stock loss instead (decided before the forward:
     the stock forward; found at the loss: the stock loss on the captured head input), counted
     as a fallback and warned once."""
-    reason = _unavailable(model, state)
+    reason = _unavailable(model, state, kwargs)
     if reason is not None:
-        _note_fallback(model, state, reason, "the stock forward ran instead")
+        _note_fallback(model, state, reason, "the unpatched forward ran instead")
         return stock_forward(model, state)(*args, **kwargs), False
     head = model.get_output_embeddings()
     if head is not state.seams.head:  # PEFT wrapped the head after patching
