@@ -1,12 +1,12 @@
 """A patched model under TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, which TRL's
-SFT, DPO and GRPO trainers install and call with ``fused_lm_head=True``).
+SFT, DPO and GRPO trainers install in their __init__ and call with ``fused_lm_head=True``).
 
-The patch does not serve those calls yet: TRL's forward runs the backbone and its own tiled
-head. What is checked is that the patch never gets in its way: patched after TRL's head is
-added, a ``fused_lm_head=True`` call runs the model body once (never a failed capture and a
-second run), returns TRL's per-token outputs unchanged, and is counted as a fallback with
-the reason, warned once. TRL's outputs are compared with the same call on an unpatched copy:
-equal to rtol 1e-6 (the same code on the same weights).
+Patched after TRL's head is added (after the trainer is built), a ``fused_lm_head=True``
+training call is served by the patch (fused.hf.trl): the model body runs once, log_probs
+come from the project's kernel, the other outputs from reference.per_token_outputs. Compared
+with the same call on an unpatched copy (TRL's own head), float32 on CPU: the loss and each
+per-token output to rtol 1e-5 / atol 1e-6, is_top1 and label_mask exactly, the gradients of
+``loss + mean(entropy)`` (TRL backpropagates both) for every parameter to rtol 1e-4 / atol 1e-6.
 """
 
 from __future__ import annotations
@@ -16,34 +16,85 @@ import warnings
 
 import pytest
 import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from fused.hf import patch_model, patch_report
-from tests.test_patch import batch, llama
+from tests.test_patch import batch, build, llama
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
+OUTPUTS = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs", "mean_logits")
 
 
-def test_a_trl_fused_lm_head_call_runs_once_and_is_counted_as_a_fallback():
-    model = llama()
-    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+def trl_call(model, **inputs):
+    """One seeded training call with fused_lm_head=True, and the gradients of loss + mean entropy."""
+    model.train()
+    torch.manual_seed(0)
+    output = model(**inputs, fused_lm_head=True)
+    objective = output.loss + output.entropy[output.label_mask].mean()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(objective, [p for _, p in named], allow_unused=True)
+    return output, {n: g for (n, _), g in zip(named, grads)}
+
+
+def compare(patched, expected) -> None:
+    (output, grads), (trl_output, trl_grads) = patched, expected
+    torch.testing.assert_close(output.loss, trl_output.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(output.label_mask, trl_output.label_mask)
+    for name in OUTPUTS:
+        if name == "is_top1":
+            assert torch.equal(output.is_top1, trl_output.is_top1)
+        else:
+            torch.testing.assert_close(getattr(output, name), getattr(trl_output, name), rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in trl_grads.items():
+        if grad is None:
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("make", "temperature"),
+    [
+        (llama, 1.0),
+        (lambda: llama(tie_word_embeddings=True), 0.7),
+        (lambda: build(Gemma2ForCausalLM, Gemma2Config, head_dim=8, final_logit_softcapping=2.0), 1.3),
+    ],
+    ids=["llama", "tied-temperature", "gemma2-softcap-temperature"],
+)
+@pytest.mark.parametrize("count", [None, 9])
+def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count):
+    model = make()
+    if isinstance(model, Gemma2ForCausalLM):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30)  # logits large enough for the softcap to bend them
+    trl_utils.add_fused_lm_head(model, temperature=temperature, outputs=OUTPUTS)
     unpatched = copy.deepcopy(model)
     report = patch_model(model)
     assert report.patched, report.reason
     runs = []
     model.model.register_forward_hook(lambda module, args, output: runs.append(1))
-    model.train()
-    unpatched.train()
-    inputs = batch()
-    with pytest.warns(RuntimeWarning, match=r"TRL's fused LM head \(fused_lm_head=True\)"):
-        output = model(**inputs, fused_lm_head=True)
-    expected = unpatched(**inputs, fused_lm_head=True)
+    inputs = batch() | ({} if count is None else {"num_items_in_batch": torch.tensor(count)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        patched = trl_call(model, **inputs)
+    compare(patched, trl_call(unpatched, **inputs))
     assert len(runs) == 1
-    for name in ("log_probs", "entropy", "is_top1"):
-        torch.testing.assert_close(getattr(output, name), getattr(expected, name), rtol=1e-6, atol=0, msg=name)
+    calls = patch_report(model).calls
+    assert (calls.fused, calls.fallback) == (1, 0)
+
+
+def test_a_call_the_patch_cannot_serve_runs_trls_head_once():
+    model = llama()
+    trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    unpatched = copy.deepcopy(model)
+    assert patch_model(model).patched
+    runs = []
+    model.model.register_forward_hook(lambda module, args, output: runs.append(1))
+    with pytest.warns(RuntimeWarning, match="TRL fused_lm_head=True call this patch cannot serve"):
+        patched = trl_call(model, **batch())
+    compare(patched, trl_call(unpatched, **batch()))
+    assert len(runs) == 1
     calls = patch_report(model).calls
     assert (calls.fused, calls.fallback) == (0, 1) and "TRL" in calls.last_fallback
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once
-        model(**inputs, fused_lm_head=True)
-    output = model(**inputs)  # an ordinary training call still takes the fused path
+    output = model(**batch())  # an ordinary training call still takes the fused path
     assert output.logits is None and calls.fused == 1

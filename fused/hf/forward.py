@@ -26,6 +26,8 @@ from fused.hf.config import config_leaves
 from fused.hf.head import UnsupportedHead, fold_head, head_kind
 from fused.hf.report import PatchReport
 from fused.hf.transform import LogitTransform
+from fused.hf.trl import serve as serve_trl
+from fused.hf.trl import trl_head
 from fused.linear_cross_entropy import linear_cross_entropy
 
 STATE = "_fused_patch"
@@ -187,13 +189,9 @@ def sharded_head_parameter(head: nn.Module) -> str | None:
     return None
 
 
-def _unavailable(model: nn.Module, state: PatchState, kwargs: dict) -> str | None:
+def _unavailable(model: nn.Module, state: PatchState) -> str | None:
     """Why a training call cannot take the fused path now, or None: decided before the forward
     runs, so the stock forward that runs instead runs once."""
-    if kwargs.get("fused_lm_head"):
-        # TRL's add_fused_lm_head forward, wrapped by this patch: it runs the backbone and its
-        # own tiled head, never the head module or the loss call the patch replaces.
-        return "the call asks for TRL's fused LM head (fused_lm_head=True)"
     replaced = state.seams.replaced_loss_function()
     if replaced is not None:
         return f"{replaced} was replaced after patch_model (a custom loss is used as is)"
@@ -239,7 +237,14 @@ def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict
     call does not follow the probed wiring, the stock loss instead (decided before the forward:
     the stock forward; found at the loss: the stock loss on the captured head input), counted
     as a fallback and warned once."""
-    reason = _unavailable(model, state, kwargs)
+    reason = _unavailable(model, state)
+    if reason is None and kwargs.get("fused_lm_head"):
+        # TRL's add_fused_lm_head forward, wrapped by this patch, asked for its per-token outputs.
+        settings = trl_head(state.previous_forward)
+        output = None if settings is None else serve_trl(model, settings, state.transform, args, kwargs)
+        if output is not None:
+            return output, True
+        reason = "a TRL fused_lm_head=True call this patch cannot serve exactly (TRL's own head computed it)"
     if reason is not None:
         _note_fallback(model, state, reason, "the unpatched forward ran instead")
         return stock_forward(model, state)(*args, **kwargs), False
