@@ -64,6 +64,7 @@ class PatchState:
     signature: inspect.Signature | None = None
     memory_budget: int | None = None  # the kernel's knob; None: its default
     warned: set[str] = field(default_factory=set)  # fallback reasons already warned about
+    label_smoothing: float = 0.0  # Trainer's label_smoothing_factor, moved here by fuse_label_smoothing
     serial: int = -1  # set by __post_init__
 
     def __post_init__(self) -> None:
@@ -140,6 +141,7 @@ def _fused_loss(head: nn.Module, state: PatchState, call: LossCall, hidden: Tens
             ignore_index=arguments["ignore_index"],
             shift=shift_labels is None,
             num_items_in_batch=arguments["num_items_in_batch"],
+            label_smoothing=state.label_smoothing,
         )
     else:
         if any(arguments[name] is not None for name in ("weight", "size_average", "reduce")):
@@ -274,6 +276,27 @@ def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict
     return _without_logits(output, capture), not served_by_stock
 
 
+def smoothed_evaluation(model: nn.Module, state: PatchState, args: tuple, kwargs: dict) -> Any:
+    """An evaluation call with labels while Trainer's label smoothing lives in the patch: the stock
+    forward without labels (Trainer's metrics want the logits), and the loss Trainer's
+    ``LabelSmoother`` computes from them (next-token shift, mean over valid targets, or the sum
+    over ``num_items_in_batch``)."""
+    kwargs = dict(kwargs)
+    labels, count = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
+    output = stock_forward(model, state)(*args, **kwargs)
+    logits = output["logits"] if isinstance(output, dict) else output[0]
+    targets = labels[..., 1:].reshape(-1).to(logits.device)
+    losses = torch.nn.functional.cross_entropy(
+        logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(), targets,
+        reduction="none", label_smoothing=state.label_smoothing,
+    )
+    loss = losses.sum() / ((targets != -100).sum() if count is None else count)
+    if isinstance(output, dict):
+        output["loss"] = loss
+        return output
+    return (loss, *output)
+
+
 class PatchedForward:
     """The ``forward`` a patched model carries. It holds only the model, so a deep copy of
     the model gets a forward bound to the copy, and shows the stock forward's signature
@@ -294,6 +317,9 @@ class PatchedForward:
             if state.signature is None:
                 state.signature = inspect.signature(stock_forward(model, state))
             labels = state.signature.bind_partial(*args).arguments.get("labels")
+        if labels is not None and not model.training and state.label_smoothing:
+            count_call(state.serial, "stock")
+            return smoothed_evaluation(model, state, args, kwargs)
         if labels is None or not model.training:
             count_call(state.serial, "stock")
             return stock_forward(model, state)(*args, **kwargs)

@@ -230,6 +230,11 @@ def unpatch_model(model: nn.Module) -> bool:
             f"(it is now {current!r}); unpatching would remove that wrapper too. Remove the wrapper "
             "first (accelerate: accelerator.unwrap_model(model, keep_fp32_wrapper=False)), or keep the patch."
         )
+    if vars(target)[STATE].label_smoothing:
+        raise RuntimeError(
+            f"fused.unpatch_model: {type(target).__name__}'s loss holds a Trainer's label smoothing "
+            "(fused.hf.trainer.fuse_label_smoothing); unpatching would drop it silently. Build the Trainer anew."
+        )
     state = vars(target).pop(STATE)
     state.seams.remove()
     if state.previous_forward is None:
