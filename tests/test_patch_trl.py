@@ -197,3 +197,46 @@ def test_dpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
             torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), rtol=1e-4, atol=0)
     for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
+
+
+def _grpo(tmp_path, patch: bool):
+    from datasets import Dataset
+    from tokenizers import pre_tokenizers
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward(completions, **kwargs) -> list[float]:
+        return [float(len(completion)) for completion in completions]
+
+    tokenizer = _tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    args = GRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=4, learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=0,
+    )
+    dataset = Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9 t10"] * 4})
+    trainer = GRPOTrainer(model=llama(), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    report = patch_model(trainer.model) if patch else None
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer.model, logged, report
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
+    """A reward of the completion's length; generation runs the stock forward (eval calls),
+    the policy's log-probabilities the patch. Measured: the same rewards, loss and entropy; the
+    gradient norm of the one step that moves the weights 1.02544 against TRL's 1.02508 (3.4e-4
+    relative, not explained yet: the same objective on a bare head agrees to float32 precision),
+    weights within 2.3e-6 after 2 SGD steps (max_grad_norm 1 clips both). Asserted: rewards
+    equal, loss and entropy rtol 1e-4, weights atol 2e-5."""
+    stock, stock_log, _ = _grpo(tmp_path / "stock", patch=False)
+    patched, patched_log, report = _grpo(tmp_path / "patched", patch=True)
+    assert report.patched and (report.calls.fused, report.calls.fallback) == (2, 0)  # one training call a step
+    for ours, theirs in zip(patched_log, stock_log, strict=True):
+        assert ours["reward"] == theirs["reward"]
+        for key in ("loss", "entropy"):
+            torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), rtol=1e-4, atol=1e-7)
+    assert patched_log[-1]["grad_norm"] > 0.1  # a step that moved the weights
+    for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
