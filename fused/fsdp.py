@@ -11,7 +11,7 @@ inside some forward:
   ``fully_shard(model.lm_head)``): it is gathered for the whole of the model's forward, where
   the patched loss runs, and nothing more is needed;
 - head sharded on its own (``fully_shard(model.lm_head)``): gathered only while the head
-  runs, and the model calls it (with no rows, ``fused.patch_capture``) before the loss is
+  runs, and the model calls it (with no rows, ``fused.hf.capture``) before the loss is
   known. The loss is then computed as a second forward of the head, inside FSDP2's own
   pre- and post-forward hooks of that module (``run_in_fsdp_forward``): the same gather,
   free and gradient reduce-scatter FSDP2 does for any call of it, no full copy kept.
