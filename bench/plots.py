@@ -82,38 +82,66 @@ def memory_vs_tokens(records: Sequence[Record], data: str = "peaked") -> Figure:
     return fig
 
 
-def pareto(records: Sequence[Record], data: str = "peaked") -> Figure:
-    """Per default shape: time (multiple of the bound) against extra memory above the gradient
-    buffers, every method one point, the kernel's settings joined into its curve, the Pareto
-    front circled."""
+def pareto(records: Sequence[Record], data: str = "peaked", shapes: Sequence[str] | None = None) -> Figure:
+    """Per default shape (``shapes``: those only, in that order): time (multiple of the
+    bound) against extra memory above the gradient buffers, every method one point, the
+    kernel's settings joined into its curve, the Pareto front circled."""
     best = newest_ok(records, part="shapes", data=data)
     best = {k: r for k, r in best.items() if r.get("vs_bound") is not None and r.get("extra_mib") is not None}
-    shapes = sorted({s for s, _, _ in best}, key=_shape_key)
-    cols = 2
+    present = sorted({s for s, _, _ in best}, key=_shape_key)
+    if shapes is None:
+        shapes = present
+    elif missing := [s for s in shapes if s not in present]:
+        raise ValueError(f"no {data} records of shapes {missing}; measured: {present}")
+    cols = 2 if len(shapes) > 1 else 1
     rows = max(1, -(-len(shapes) // cols))
-    fig = Figure(figsize=(11, 4 * rows), layout="constrained")
+    fig = Figure(figsize=(11, 4 * rows) if cols == 2 else (7.5, 5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, shape in zip(axes.flat, shapes):
-        entries = sorted((m, r) for (s, _, m), r in best.items() if s == shape)
-        # Extra memory can be ~0 (or a little below, from allocator rounding): 1 MiB floor for the log axis.
-        points = [(max(r["extra_mib"], 1.0), r["vs_bound"]) for _, r in entries]
-        for (method, _), (x, y) in zip(entries, points):
-            ax.scatter(x, y, color=_colour(method), zorder=3)
-            ax.annotate(method, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        curve = sorted(p for (m, _), p in zip(entries, points) if m.startswith(FUSED_PREFIX))
-        if curve:
-            ax.plot(*zip(*curve), color=_FUSED_COLOUR, lw=1.5)
-        front = [points[i] for i in pareto_front(points)]
-        ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="black", lw=0.8, zorder=2)
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_xscale("log")
+        _pareto_panel(ax, [(m, r) for (s, _, m), r in sorted(best.items()) if s == shape])
         ax.set_title(shape, fontsize=9)
-        ax.set_xlabel("extra MiB above the gradients (log)")
-        ax.set_ylabel("time / bound")
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
+    # One legend for every panel: a method keeps its colour throughout.
+    labelled = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    fig.legend(labelled.values(), labelled.keys(), loc="outside lower center", ncol=4, fontsize=8)
     fig.suptitle(f"time against memory, {data} data: circled = Pareto front")
     return fig
+
+
+def _pareto_panel(ax, entries: Sequence[tuple[str, Record]]) -> None:
+    """One shape's methods as points (time / bound against extra MiB), the kernel's settings
+    as one curve, each point named by its setting, the Pareto front circled."""
+    # Extra memory can be ~0 (or a little below, from allocator rounding): 1 MiB floor for the log axis.
+    points = [(max(r["extra_mib"], 1.0), r["vs_bound"]) for _, r in entries]
+    peers = sorted(((m, p) for (m, _), p in zip(entries, points) if not m.startswith(FUSED_PREFIX)),
+                   key=lambda mp: PEERS.index(mp[0]) if mp[0] in PEERS else len(PEERS))
+    for method, point in peers:
+        ax.scatter(*point, color=_colour(method), zorder=3, label=method)
+    curve = sorted((p, m) for (m, _), p in zip(entries, points) if m.startswith(FUSED_PREFIX))
+    if curve:
+        ax.plot(*zip(*(p for p, _ in curve)), "o-", color=_FUSED_COLOUR, lw=1.5, zorder=3,
+                label="fused, one point per memory_budget")
+        # Settings that give the same plan (within 1% in memory and 2% in time) share one
+        # label; labels alternate above and below the curve so that neighbours stay apart.
+        groups: list[tuple[tuple[float, float], list[str]]] = []
+        for (x, y), method in curve:
+            if groups and abs(x / groups[-1][0][0] - 1) < 0.01 and abs(y / groups[-1][0][1] - 1) < 0.02:
+                groups[-1][1].append(method.removeprefix(FUSED_PREFIX))
+            else:
+                groups.append(((x, y), [method.removeprefix(FUSED_PREFIX)]))
+        for i, (point, names) in enumerate(groups):
+            ax.annotate(", ".join(names), point, fontsize=7, ha="center",
+                        xytext=(0, 7 if i % 2 == 0 else -13), textcoords="offset points")
+    front = [points[i] for i in pareto_front(points)]
+    ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="black", lw=0.8, zorder=2)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("extra MiB above the gradients (log)")
+    ax.set_ylabel("time / bound (1 = three matmuls)")
 
 
 def e2e(records: Sequence[Record]) -> Figure:

@@ -415,6 +415,10 @@ def test_plots_draw_every_method_and_the_kernel_curve():
     # The kernel's two settings joined into one curve, sorted by memory.
     (curve,) = first.get_lines()[:1]
     assert list(curve.get_xdata()) == [30.0, 500.0] and list(curve.get_ydata()) == [2.0, 1.1]
+    (only,) = plots.pareto(records, shapes=["2048x64x1000"]).axes
+    assert only.get_title() == "2048x64x1000"
+    with pytest.raises(ValueError, match="4096x64x1000"):
+        plots.pareto(records, shapes=["4096x64x1000"])
     assert len(plots.time_vs_bound(records, "peaked").axes[0].patches) == 4 * 2
     lines = plots.memory_vs_tokens(records).axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["torch_eager", "cce", "fused@32MiB", "fused@512MiB", "gradient buffers"]

@@ -146,6 +146,18 @@ def test_notebook_page_shows_the_stored_outputs(site, notebook):
     assert page.count("<img ") >= images
 
 
+def test_nbval_markers_are_tags_not_comments():
+    # The book shows a cell's source as written: nbval's comment marker would show to readers,
+    # its tag (nbval-ignore-output) does not.
+    marked = [
+        f"{notebook.name} cell {i}"
+        for notebook in _notebooks()
+        for i, cell in enumerate(json.loads(notebook.read_text())["cells"])
+        if cell["cell_type"] == "code" and re.match(r"\s*# ?NBVAL_", "".join(cell["source"]))
+    ]
+    assert not marked, f"nbval comment markers (use the cell tag instead): {marked}"
+
+
 def test_api_page_documents_every_module(site):
     page = (site / "api.html").read_text()
     missing = [m for m in _modules() if f'id="module-{m}"' not in page]

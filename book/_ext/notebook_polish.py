@@ -1,11 +1,7 @@
-"""Two touches to the notebook pages, applied to the doctree (the notebooks are untouched).
-
-* Printed library source (a cell that prints ``inspect.getsource(...)``) is a plain text
-  stream in the notebook; here an output that starts like Python source (``def``,
-  ``class``, a decorator) is highlighted as Python.
-* A ``# NBVAL_IGNORE_OUTPUT`` first line (nbval's comment marker, still used by the
-  notebooks that carry no ``nbval-ignore-output`` tag) is dropped from the shown source:
-  it is for the test runner, not for readers.
+"""Printed library source, highlighted: a cell that prints ``inspect.getsource(...)`` makes a
+plain text stream in the notebook; on the page an output that starts like Python source
+(``def``, ``class``, a decorator) is highlighted as Python. Applied to the doctree (the
+notebooks are untouched).
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from docutils import nodes
 from sphinx.application import Sphinx
 
 PYTHON_STARTS = ("def ", "class ", "@", "async def ")
-NBVAL_MARKER = "# NBVAL_IGNORE_OUTPUT"
 
 
 def _polish(app: Sphinx, doctree: nodes.document) -> None:
@@ -23,9 +18,6 @@ def _polish(app: Sphinx, doctree: nodes.document) -> None:
         classes = set(block.get("classes", []))
         if "output" in classes and text.lstrip().startswith(PYTHON_STARTS):
             block["language"] = "python"
-        elif text.startswith(NBVAL_MARKER):
-            rest = text[len(NBVAL_MARKER):].lstrip("\n")
-            block.replace_self(block.__class__(rest, rest, **block.attributes))
 
 
 def setup(app: Sphinx) -> dict:
