@@ -3,6 +3,7 @@ kernel is defined, so this must happen before any test module imports them."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,24 @@ from hypothesis import settings  # noqa: E402
 # Property tests draw the same examples on every run, so a CI result can be reproduced.
 settings.register_profile("reproducible", derandomize=True)
 settings.load_profile("reproducible")
+
+
+# The peers' test grids (tests/peer_grids.py): a subset by default, whole under
+# `-m peer_grids_full`; `--peer-grid-ratios` prints their worst error / tolerance per grid.
+def pytest_addoption(parser):
+    parser.addoption("--peer-grid-ratios", action="store_true",
+                     help="print the worst error / tolerance of each peer grid and path (tests/peer_grids.py)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
+def pytest_collection_modifyitems(config, items):
+    import peer_grids
+
+    peer_grids.collection_hook(config, items)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("--peer-grid-ratios"):
+        import peer_grids
+
+        peer_grids.summary(terminalreporter)
