@@ -292,8 +292,8 @@ def summary(terminalreporter) -> None:
     write("")
     write("peer grids, worst error / tolerance (<= 1 passes). pass: held to the peer's check; delib: documented "
           "behaviour checked instead, or a missing feature skipped; xfail: a named defect outside the project")
-    write(f"{'grid':42} {'path':16} {'pass':>5} {'delib':>5} {'fail':>5} {'xfail':>5} {'peer':>9} "
+    write(f"{'grid':58} {'path':16} {'pass':>5} {'delib':>5} {'fail':>5} {'xfail':>5} {'peer':>9} "
           f"{'documented':>10} {'literal':>9}  worst peer-held case")
     for (grid, path), row in sorted(rows.items()):
-        write(f"{grid:42} {path:16} {row['passed']:5d} {row['deliberate']:5d} {row['failed']:5d} {row['xfailed']:5d} "
+        write(f"{grid:58} {path:16} {row['passed']:5d} {row['deliberate']:5d} {row['failed']:5d} {row['xfailed']:5d} "
               f"{row['peer'][0]:9.3g} {row['documented'][0]:10.3g} {row['literal']:9.3g}  {row['peer'][1]}")
