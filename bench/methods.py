@@ -32,12 +32,18 @@ METHOD_NAMES = (
     "liger_flce",
     "cce",
     "cce_exact",
+    "trl_fused_head",
     "fused",
 )
 # The budget measured from Liger's own extra memory at each shape.
 LIGER_BUDGET = "liger"
 # The kernel as users call it, no memory knob set.
 KERNEL_DEFAULT = "default"
+# The kernel at its default plan with a precision option beyond stock: knob and its value.
+PRECISION_VARIANTS = {
+    "float32_logits": ("logits_dtype", torch.float32),
+    "float32_weight_sum": ("accumulation_dtype", torch.float32),
+}
 REFERENCE_CHUNK_ROWS = 1024
 # Distinct static shapes a sweep may compile torch.compile for (dynamo's default is 8).
 COMPILE_RECOMPILE_LIMIT = 64
@@ -118,6 +124,53 @@ def _cce(name: str, filter_eps: str | None) -> Method:
     )
 
 
+# TRL scores vocabulary tiles of this many columns (trl.trainer.utils.add_fused_lm_head).
+TRL_VOCABULARY_CHUNK = 32768
+
+
+def _trl_kernel_module() -> Any:
+    """TRL's ``trl/kernels/chunked_logprob.py`` loaded on its own: importing the ``trl``
+    package pulls in ``datasets`` and its trainers, while this module needs only torch (and
+    triton on CUDA). Its one relative import, a DeepSpeed ZeRO-3 context, is given a no-op."""
+    import contextlib
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("trl is not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "kernels" / "chunked_logprob.py"
+    package = "_bench_trl"
+    for name in (package, f"{package}.kernels", f"{package}.trainer"):
+        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
+    utils = sys.modules.setdefault(f"{package}.trainer.utils", types.ModuleType(f"{package}.trainer.utils"))
+    utils.maybe_gather_lm_head_ctx = lambda *args, **kwargs: contextlib.nullcontext()
+    module_spec = importlib.util.spec_from_file_location(f"{package}.kernels.chunked_logprob", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _trl_fused_head() -> Method:
+    try:
+        from importlib.metadata import version
+
+        function = _trl_kernel_module().ChunkedLogProbFunction
+    except Exception as e:
+        return _unavailable("trl_fused_head", e)
+
+    def trl_head(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        # As TRL's trainers call it: the valid rows only, no optional outputs; the mean of
+        # the negative log-probabilities is the loss.
+        valid = labels != IGNORE_INDEX
+        log_probs = function.apply(hidden[valid], weight, None, labels[valid], 1.0, TRL_VOCABULARY_CHUNK, None, 1.0, ())[0]
+        return -log_probs.sum() / valid.sum().clamp(min=1)
+
+    return Method("trl_fused_head", trl_head, {"trl": version("trl"), "chunk_size": TRL_VOCABULARY_CHUNK})
+
+
 _BUILDERS: dict[str, Callable[[], Method]] = {
     "torch_eager": lambda: Method("torch_eager", eager_loss),
     "torch_compile": _torch_compile,
@@ -126,6 +179,7 @@ _BUILDERS: dict[str, Callable[[], Method]] = {
     "liger_flce": _liger,
     "cce": lambda: _cce("cce", "high"),
     "cce_exact": lambda: _cce("cce_exact", None),
+    "trl_fused_head": _trl_fused_head,
 }
 
 
@@ -139,14 +193,16 @@ def build_methods(names: Sequence[str]) -> list[Method]:
 
 def parse_budget(text: str) -> int | str:
     """``"32MiB"`` -> bytes (units B, KiB, MiB, GiB; a bare number is bytes), or one of the
-    words ``"liger"`` (Liger's measured extra memory) and ``"default"`` (no knob set)."""
+    words ``"liger"`` (Liger's measured extra memory), ``"default"`` (no knob set) and the
+    ``PRECISION_VARIANTS`` (the default plan with that precision option)."""
     text = text.strip()
-    if text.lower() in (LIGER_BUDGET, KERNEL_DEFAULT):
+    if text.lower() in (LIGER_BUDGET, KERNEL_DEFAULT, *PRECISION_VARIANTS):
         return text.lower()
     match = re.fullmatch(r"(\d+)\s*([KMG]iB|B)?", text, flags=re.IGNORECASE)
     if not match or int(match.group(1)) <= 0:
         raise ValueError(
-            f"a memory budget is a positive size like 32MiB, 1GiB, 4096, or {LIGER_BUDGET!r} or {KERNEL_DEFAULT!r}; got {text!r}"
+            f"a memory budget is a positive size like 32MiB, 1GiB, 4096, or one of "
+            f"{[LIGER_BUDGET, KERNEL_DEFAULT, *PRECISION_VARIANTS]}; got {text!r}"
         )
     return int(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
 
@@ -196,13 +252,18 @@ def fused_methods(
     except Exception as e:
         names = [_budget_name(b) for b in budgets] + [_chunk_name(c) for c in chunk_sizes]
         return [_unavailable(n, e) for n in names]
-    def entry(name: str, knobs: dict[str, int], **params: Any) -> Method:
-        return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**knobs, **params})
+    def entry(name: str, knobs: dict[str, Any], **params: Any) -> Method:
+        plain = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in knobs.items()}
+        return Method(name, lambda h, w, y: kernel(h, w, y, **knobs), {**plain, **params})
 
     out = []
     for budget in budgets:
         if budget == KERNEL_DEFAULT:
             out.append(entry(_budget_name(budget), {}))
+            continue
+        if budget in PRECISION_VARIANTS:
+            knob, value = PRECISION_VARIANTS[budget]
+            out.append(entry(_budget_name(budget), {knob: value}))
             continue
         if budget == LIGER_BUDGET and (liger_extra_bytes is None or liger_extra_bytes <= 0):
             out.append(_unavailable(_budget_name(budget), "needs Liger's extra memory measured at this shape"))

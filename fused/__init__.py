@@ -2,7 +2,7 @@
 and the loss doctor."""
 
 from fused.doctor import diagnose
-from fused.linear_cross_entropy import linear_cross_entropy
+from fused.api import linear_cross_entropy
 from fused.patch import PatchReport, patch_model, patch_report, unpatch_model
 
 __all__ = ["PatchReport", "diagnose", "linear_cross_entropy", "patch_model", "patch_report", "unpatch_model"]

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.linear_cross_entropy import check_size, linear_cross_entropy
+from fused.api import linear_cross_entropy
+from reference.input_checks import check_size
 from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall, stock_causal_lm_loss
 from fused.patch_head import UnsupportedHead, fold_head, head_kind
 from fused.patch_probe import (
@@ -454,7 +455,8 @@ def patch_model(
     Idempotent: a patched model returns its existing report; a ``memory_budget`` given then
     replaces the one in use. A refused model is untouched.
     """
-    check_size("memory_budget", memory_budget)
+    if memory_budget is not None:
+        check_size("memory_budget", memory_budget)
     target = _transformers_model(model)
     state = vars(target).get(_STATE)
     if state is not None:

@@ -27,11 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from reference.input_checks import check_size
 from reference.linear_cross_entropy import (
+    LossArguments,
     LossOptions,
     prepare_inputs,
     reduce_losses,
     token_losses,
+    takes_loss_arguments,
     transform_logits,
 )
 
@@ -39,9 +42,14 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 def _chunk_logits(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, options: LossOptions, dtype: torch.dtype
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, options: LossOptions, dtype: torch.dtype, wide: bool
 ) -> Tensor:
-    """Transformed logits ``(rows, V)`` in ``dtype`` of a chunk of rows, as the contract computes them."""
+    """Transformed logits ``(rows, V)`` in ``dtype`` of a chunk of rows: as the contract
+    computes them (the product in the inputs' dtype, then upcast), or with ``wide`` the
+    product of the inputs widened to ``dtype``, never rounded to the inputs' dtype."""
+    if wide:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return transform_logits(F.linear(hidden, weight, bias).to(dtype), options)
 
 
@@ -72,8 +80,9 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     """Per-token losses and lse of ``hidden @ weight.T + bias``, ``chunk_size`` rows at a time.
 
     ``forward(hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) int64, options,
-    chunk_size, compute_dtype) -> (losses (N,), lse (N,))`` in ``compute_dtype``; the inputs
-    are those of a ``FlatProblem``. Saves the inputs and ``lse``, never logits.
+    chunk_size, compute_dtype, wide_logits) -> (losses (N,), lse (N,))`` in ``compute_dtype``;
+    the inputs are those of a ``FlatProblem``; ``wide_logits``: see ``_chunk_logits``. Saves
+    the inputs and ``lse``, never logits.
     """
 
     @staticmethod
@@ -86,17 +95,18 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         chunk_size: int,
         compute_dtype: torch.dtype,
+        wide_logits: bool,
     ) -> tuple[Tensor, Tensor]:
         n = hidden.shape[0]
         losses = hidden.new_empty(n, dtype=compute_dtype)
         lse = hidden.new_empty(n, dtype=compute_dtype)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            z = _chunk_logits(hidden[rows], weight, bias, options, compute_dtype)
+            z = _chunk_logits(hidden[rows], weight, bias, options, compute_dtype, wide_logits)
             losses[rows], lse[rows] = token_losses(z, targets[rows], options)
             del z  # before the next chunk's logits exist, not after
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.options, ctx.chunk_size, ctx.compute_dtype = options, chunk_size, compute_dtype
+        ctx.options, ctx.chunk_size, ctx.compute_dtype, ctx.wide_logits = options, chunk_size, compute_dtype, wide_logits
         # Only one of the two outputs may be used: its partner's gradient then arrives as None.
         ctx.set_materialize_grads(False)
         return losses, lse
@@ -129,7 +139,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
             dx = _logit_grad_(
-                _chunk_logits(h, weight, bias, options, compute_dtype),
+                _chunk_logits(h, weight, bias, options, compute_dtype, ctx.wide_logits),
                 targets[rows],
                 lse[rows],
                 grad_losses[rows],
@@ -149,38 +159,23 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def check_size(name: str, value: int) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a positive int."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
+@takes_loss_arguments
 def chunked_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    arguments: LossArguments,
     *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    label_smoothing: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    z_loss: float = 0.0,
-    return_lse: bool = False,
     chunk_size: int = 1024,
     compute_dtype: torch.dtype = torch.float32,
+    logits_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``reference.linear_cross_entropy`` computed ``chunk_size`` tokens at a time.
 
-    Same arguments, shapes, validation, values and returns as the contract: ``hidden (N, D)``
+    Same arguments (``LossArguments``), shapes, validation, values and returns as the contract: ``hidden (N, D)``
     or ``(B, T, D)`` in float16/bfloat16/float32/float64, ``weight (V, D)`` and ``bias (V,)``
     of the same dtype, ``labels`` shaped like ``hidden[..., 0]``; returns the loss (0-d, or
     shaped like ``labels`` for ``reduction='none'``) and with ``return_lse=True`` the lse
@@ -192,6 +187,9 @@ def chunked_linear_cross_entropy(
     ``compute_dtype``: the dtype the logits are upcast to. ``torch.float32`` is the contract
     (transformers' ``logits.float()``, a downcast for float64 inputs); ``torch.float64``
     computes float64 inputs in float64 throughout, which ``torch.autograd.gradcheck`` needs.
+    ``logits_dtype``: None rounds the logits to the inputs' dtype before the upcast, as the
+    contract and transformers do; ``torch.float32`` (for 16-bit inputs, accuracy beyond
+    stock) computes the products from the inputs widened to ``compute_dtype`` instead.
 
     Memory beyond the inputs and outputs, with ``C = min(chunk_size, N)``, ``s = 4`` bytes
     (8 for ``compute_dtype=float64``) and ``b`` the inputs' bytes per element:
@@ -210,13 +208,16 @@ def chunked_linear_cross_entropy(
     Measured with ``reference.peak_memory``, float32, no transforms: forward ``2 * C * V * 4``,
     backward ``C * V * 4`` plus the gradients; the contract's autograd needs ``5 * N * V * 4``.
     """
-    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
+    options = arguments.options()
     check_size("chunk_size", chunk_size)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
-    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
+    if logits_dtype not in (None, torch.float32):
+        raise ValueError(f"logits_dtype must be None (the inputs' dtype) or torch.float32, got {logits_dtype}")
+    problem = prepare_inputs(hidden, weight, labels, arguments)
+    wide_logits = logits_dtype is not None and logits_dtype.itemsize > problem.hidden.element_size()
     losses, lse = ChunkedLinearCrossEntropyFunction.apply(
-        p.hidden, p.weight, p.bias, p.targets, options, chunk_size, compute_dtype
+        problem.hidden, problem.weight, problem.bias, problem.targets, options, chunk_size, compute_dtype, wide_logits
     )
-    loss = reduce_losses(losses, p.targets, options, num_items_in_batch, p.batch_shape)
-    return (loss, lse.reshape(p.batch_shape)) if return_lse else loss
+    loss = reduce_losses(losses, problem.targets, options, arguments.num_items_in_batch, problem.batch_shape)
+    return (loss, lse.reshape(problem.batch_shape)) if arguments.return_lse else loss

@@ -55,3 +55,11 @@ def check_logits_and_targets(
             f"{name} holds {int(bad.sum())} value(s) outside [0, {vocab}) that are not "
             f"ignore_index={ignore_index}, e.g. {int(targets[bad][0])}"
         )
+
+
+def check_size(name: str, value: int) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")

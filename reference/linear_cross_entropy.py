@@ -17,17 +17,19 @@ otherwise the mean over valid tokens (NaN when there are none, as in transformer
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from typing import Callable, NamedTuple, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from reference.causal_lm_loss import shift_labels
+from reference.logsumexp import REDUCTIONS
 
-REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -62,81 +64,78 @@ class LossOptions:
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
 
 
-class LabelCheck:
-    """The check that every label lies in ``[0, V)`` or is ``ignore_index``, and the number of
-    targets that are not ``ignore_index``: reduced on the labels' device, read by the host
-    once, by ``read()``.
+class LossArguments(NamedTuple):
+    """The keyword arguments of a linear cross entropy, declared once for every version of
+    it (this contract, the chunked reference and the fused op): ``takes_loss_arguments``
+    gives each function these keywords, with these defaults, in its signature."""
 
-    Reading waits for the device. Started here, the copy of the two numbers to the host is
-    queued behind the work already queued (on CUDA into pinned memory, without waiting), so
-    a caller can queue more work before it reads, and the device does not sit idle meanwhile.
-    """
+    bias: Tensor | None = None
+    ignore_index: int = -100
+    shift: bool = False
+    reduction: str = "mean"
+    num_items_in_batch: int | float | Tensor | None = None
+    label_smoothing: float = 0.0
+    softcap: float | None = None
+    logit_scale: float | None = None
+    z_loss: float = 0.0
+    return_lse: bool = False
 
-    def __init__(self, labels: Tensor, targets: Tensor, vocab: int, ignore_index: int) -> None:
-        self._labels, self._vocab, self._ignore_index = labels, vocab, ignore_index
-        summary = torch.stack([self._bad().any().long(), (targets != ignore_index).sum()])
-        self._ready = None
-        if summary.is_cuda:
-            self._host = torch.empty(2, dtype=torch.long, pin_memory=True).copy_(summary, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(summary.device))
-        else:
-            self._host = summary
-        self._valid_tokens: int | None = None
+    def options(self) -> LossOptions:
+        """The options that change the loss's value, validated."""
+        return LossOptions(
+            self.ignore_index, self.reduction, self.label_smoothing, self.softcap, self.logit_scale, self.z_loss
+        )
 
-    def _bad(self) -> Tensor:
-        labels = self._labels
-        return (labels != self._ignore_index) & ((labels < 0) | (labels >= self._vocab))
 
-    def read(self) -> int:
-        """The number of valid targets; raises ``ValueError`` naming a bad label instead."""
-        if self._valid_tokens is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-            any_bad, valid_tokens = self._host.tolist()
-            if any_bad:
-                first = self._labels[self._bad()][0].item()
-                raise ValueError(
-                    f"labels must lie in [0, {self._vocab}) or equal ignore_index={self._ignore_index}; found {first}"
-                )
-            self._valid_tokens = valid_tokens
-        return self._valid_tokens
+def takes_loss_arguments(function: Callable) -> Callable:
+    """Make ``function(hidden, weight, labels, arguments, *, <its own knobs>)`` callable as
+    ``function(hidden, weight, labels, *, <LossArguments' keywords>, <its own knobs>)``, with
+    that signature for ``help`` and ``inspect``, and Python's ``TypeError`` for an unknown
+    keyword."""
+    own = inspect.signature(function)
+    positional = [own.parameters[name] for name in ("hidden", "weight", "labels")]
+    knobs = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    hints = get_type_hints(LossArguments)
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[name])
+        for name, default in LossArguments._field_defaults.items()
+    ]
+    accepted = set(LossArguments._fields) | {p.name for p in knobs}
+
+    @functools.wraps(function)
+    def call(hidden, weight, labels, **keywords):
+        unknown = keywords.keys() - accepted
+        if unknown:
+            raise TypeError(f"{function.__name__}() got an unexpected keyword argument {min(unknown)!r}")
+        arguments = LossArguments(**{name: keywords.pop(name) for name in LossArguments._fields if name in keywords})
+        return function(hidden, weight, labels, arguments, **keywords)
+
+    call.__signature__ = own.replace(parameters=positional + shared + knobs)
+    return call
+
+
+def bad_labels(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """Boolean mask, shaped like ``labels``, of the values outside ``[0, vocab)`` that are not
+    ``ignore_index``."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+
+
+def bad_label_error(first_bad: int, vocab: int, ignore_index: int) -> ValueError:
+    """The error for a label value outside ``[0, vocab)`` that is not ``ignore_index``."""
+    return ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first_bad}")
 
 
 @dataclass(frozen=True)
 class FlatProblem:
-    """Inputs reshaped to rows: ``hidden (N, D)``, ``weight``, ``bias``, and the caller's
-    ``labels`` (int64, on hidden's device), from which ``targets (N,)`` and ``label_check`` are made
-    when first used: a caller may queue work that does not need them first."""
+    """Inputs reshaped to rows: ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)`` or None,
+    ``targets (N,)`` int64 on hidden's device (the labels, shifted when asked), and
+    ``batch_shape``, the labels' shape (that of ``reduction='none'`` losses and of the lse)."""
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
-    labels: Tensor
-    shift: bool
-    ignore_index: int
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        """The labels' shape: that of ``reduction='none'`` losses and of the lse."""
-        return self.labels.shape
-
-    @cached_property
-    def targets(self) -> Tensor:
-        """``(N,)`` int64, contiguous: the labels, shifted when ``shift``."""
-        labels = self.labels
-        targets = shift_labels(labels, ignore_index=self.ignore_index) if self.shift else labels
-        return targets.reshape(-1).contiguous()
-
-    @cached_property
-    def label_check(self) -> LabelCheck:
-        """The labels' check, queued on the device when first used."""
-        return LabelCheck(self.labels, self.targets, self.weight.shape[0], self.ignore_index)
-
-    @property
-    def valid_tokens(self) -> int:
-        """Read on the host with the labels' check (the first time, a wait for the device)."""
-        return self.label_check.read()
+    targets: Tensor
+    batch_shape: torch.Size
 
 
 def check_shift(shift: bool) -> None:
@@ -146,7 +145,7 @@ def check_shift(shift: bool) -> None:
         raise TypeError(f"shift must be True or False, got {shift!r}")
 
 
-def prepare_inputs(
+def check_inputs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -155,20 +154,14 @@ def prepare_inputs(
     *,
     shift: bool = False,
     num_items_in_batch: int | Tensor | None = None,
-    defer_label_check: bool = False,
-) -> FlatProblem:
-    """Validate the inputs of a linear cross entropy and flatten them to rows.
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the offending argument unless the arguments
+    make a linear cross entropy; everything but the labels' values, which need their device.
 
     ``hidden``: ``(N, D)`` or ``(B, T, D)`` float16/bfloat16/float32/float64.
     ``weight``: ``(V, D)`` of the same dtype and device; ``bias``: ``(V,)`` or None.
-    ``labels``: integer tensor shaped like ``hidden`` without its last dimension, values in
-    ``[0, V)`` or ``ignore_index``, on any device. With ``shift=True`` the labels are transformers' unshifted
-    labels: the target of row ``t`` is ``labels[..., t + 1]``, the last row of each sequence is
-    ignored, and no shifted copy of ``hidden`` is made.
-    Raises ``ValueError``/``TypeError`` naming the offending argument. With
-    ``defer_label_check`` nothing is computed from the labels yet (no work queued on the
-    device) and a bad label value raises only when the result's ``label_check`` is read: the
-    caller must read it before it returns anything computed from these labels.
+    ``labels``: integer tensor shaped like ``hidden`` without its last dimension, on any device.
+    ``num_items_in_batch``: None, a Python number or a one-element tensor.
     """
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
@@ -215,18 +208,34 @@ def prepare_inputs(
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
             raise TypeError(f"num_items_in_batch must be an int or a 0-d tensor, got {type(num_items_in_batch).__name__}")
 
+
+
+def prepare_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments) -> FlatProblem:
+    """Validate the inputs of a linear cross entropy (``check_inputs``, then every label in
+    ``[0, V)`` or ``ignore_index``) and flatten them to rows.
+
+    With ``shift=True`` the labels are transformers' unshifted labels: the target of row ``t``
+    is ``labels[..., t + 1]``, the last row of each sequence is ignored, and no shifted copy of
+    ``hidden`` is made.
+    """
+    ignore_index, shift = arguments.ignore_index, arguments.shift
+    check_inputs(
+        hidden, weight, labels, arguments.bias, arguments.options(), shift=shift,
+        num_items_in_batch=arguments.num_items_in_batch,
+    )
     # As in transformers, labels follow the logits to their device.
-    p = FlatProblem(
+    labels = labels.to(device=hidden.device, dtype=torch.long)
+    bad = bad_labels(labels, weight.shape[0], ignore_index)
+    if bad.any():
+        raise bad_label_error(labels[bad][0].item(), weight.shape[0], ignore_index)
+    targets = shift_labels(labels, ignore_index=ignore_index) if shift else labels
+    return FlatProblem(
         hidden=hidden.reshape(-1, hidden.shape[-1]),
         weight=weight,
-        bias=bias,
-        labels=labels.to(device=hidden.device, dtype=torch.long),
-        shift=shift,
-        ignore_index=options.ignore_index,
+        bias=arguments.bias,
+        targets=targets.reshape(-1),
+        batch_shape=labels.shape,
     )
-    if not defer_label_check:
-        p.label_check.read()
-    return p
 
 
 def transform_logits(logits: Tensor, options: LossOptions) -> Tensor:
@@ -280,22 +289,8 @@ def reduce_losses(
     return total / (targets != options.ignore_index).sum()
 
 
-def linear_cross_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    reduction: str = "mean",
-    num_items_in_batch: int | Tensor | None = None,
-    label_smoothing: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    z_loss: float = 0.0,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+@takes_loss_arguments
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, arguments: LossArguments) -> Tensor | tuple[Tensor, Tensor]:
     """Cross entropy of ``hidden @ weight.T + bias`` against ``labels``, materialising the logits.
 
     Shapes: ``hidden (N, D)`` or ``(B, T, D)``; ``weight (V, D)``; ``labels`` shaped like
@@ -303,11 +298,11 @@ def linear_cross_entropy(
     as transformers does (``lm_head(h).float()``); everything after is float32.
     Returns the loss (0-d float32, or per-token float32 shaped like ``labels`` for
     ``reduction='none'``), and with ``return_lse=True`` also the per-token log-sum-exp
-    (float32, shaped like ``labels``).
+    (float32, shaped like ``labels``). The keyword arguments: ``LossArguments``.
     """
-    options = LossOptions(ignore_index, reduction, label_smoothing, softcap, logit_scale, z_loss)
-    p = prepare_inputs(hidden, weight, labels, bias, options, shift=shift, num_items_in_batch=num_items_in_batch)
-    logits = transform_logits(F.linear(p.hidden, p.weight, p.bias).float(), options)
-    losses, lse = token_losses(logits, p.targets, options)
-    loss = reduce_losses(losses, p.targets, options, num_items_in_batch, p.batch_shape)
-    return (loss, lse.reshape(p.batch_shape)) if return_lse else loss
+    options = arguments.options()
+    problem = prepare_inputs(hidden, weight, labels, arguments)
+    logits = transform_logits(F.linear(problem.hidden, problem.weight, problem.bias).float(), options)
+    losses, lse = token_losses(logits, problem.targets, options)
+    loss = reduce_losses(losses, problem.targets, options, arguments.num_items_in_batch, problem.batch_shape)
+    return (loss, lse.reshape(problem.batch_shape)) if arguments.return_lse else loss

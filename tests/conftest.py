@@ -3,17 +3,27 @@ kernel is defined, so this must happen before any test module imports them."""
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+from problems import DEVICE  # noqa: E402
 
 # Property tests draw the same examples on every run, so a CI result can be reproduced.
 settings.register_profile("reproducible", derandomize=True)
 settings.load_profile("reproducible")
+
+
+@pytest.fixture
+def on_the_suites_device():
+    """Tensors made in the test live where the kernels run: on the GPU where there is one
+    (compiled kernels), else on the CPU (the interpreter)."""
+    with torch.device(DEVICE):
+        yield
 
 
 # The peers' test grids (tests/peer_grids.py): a subset by default, whole under

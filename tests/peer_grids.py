@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import fields
 from typing import Callable, Iterable, Sequence
 
 import pytest
@@ -30,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.linear_cross_entropy import LossOptions, prepare_inputs, reduce_losses, token_losses, transform_logits
+from reference.linear_cross_entropy import LossArguments, prepare_inputs, reduce_losses, token_losses, transform_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 BACKENDS = ("triton", "reference")
 FULL_ONLY = pytest.mark.peer_grids_full
-_OPTION_NAMES = {f.name for f in fields(LossOptions)}
 
 
 def cases(names: str, *axes: Sequence, default: Callable[..., bool], skip: str | None = None) -> list:
@@ -151,34 +149,29 @@ def run(
     return loss.detach(), None if lse is None else lse.detach(), grads
 
 
-def float64_truth(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, round_logits: bool,
-    shift: bool = False, num_items_in_batch=None, return_lse: bool = False, **options,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """``reference.linear_cross_entropy``'s loss (and lse) of the float64 leaves ``hidden``,
-    ``weight``, ``bias``, differentiable, with everything after the logits in float64.
+def float64_truth(hidden: Tensor, weight: Tensor, labels: Tensor, *, round_logits, **keywords) -> Tensor | tuple[Tensor, Tensor]:
+    """``reference.linear_cross_entropy`` of the float64 leaves ``hidden``, ``weight`` (and the
+    ``bias`` keyword), differentiable, with everything after the logits in float64.
 
     The contract's own steps (``prepare_inputs``, ``transform_logits``, ``token_losses``,
-    ``reduce_losses``) on float64 logits: the contract's ``.float()`` would round them to
-    float32. ``round_logits``: the logits take the values the contract computes in the
-    inputs' dtype, ``F.linear`` in ``round_logits`` (a dtype) then upcast, as transformers
-    does, while the gradient flows as through the exact float64 product (the truth of the
-    contract); False: the exact float64 product (the truth of the inputs, as CCE's).
+    ``reduce_losses``) on float64 logits, where the contract's ``.float()`` would round them
+    to float32. ``round_logits`` (a dtype): the logits take the values the contract computes
+    in that dtype, ``F.linear`` then upcast as transformers does, while the gradient flows as
+    through the exact float64 product (the truth of the contract); False: the exact float64
+    product (the truth of the inputs, as CCE's). ``keywords``: ``LossArguments``.
     """
-    opts = LossOptions(**{k: v for k, v in options.items() if k in _OPTION_NAMES})
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise TypeError(f"float64_truth: unknown options {sorted(unknown)}")
-    p = prepare_inputs(hidden, weight, labels, bias, opts, shift=shift, num_items_in_batch=num_items_in_batch)
+    arguments = LossArguments(**keywords)
+    options = arguments.options()
+    p = prepare_inputs(hidden, weight, labels, arguments)
     logits = F.linear(p.hidden, p.weight, p.bias)
     if round_logits:
-        dtype = round_logits
         with torch.no_grad():
-            stock = F.linear(*(None if t is None else t.detach().to(dtype) for t in (p.hidden, p.weight, p.bias))).double()
+            leaves = (None if t is None else t.detach().to(round_logits) for t in (p.hidden, p.weight, p.bias))
+            stock = F.linear(*leaves).double()
         logits = logits + (stock - logits).detach()
-    losses, lse = token_losses(transform_logits(logits, opts), p.targets, opts)
-    loss = reduce_losses(losses, p.targets, opts, num_items_in_batch, p.batch_shape)
-    return (loss, lse.reshape(p.batch_shape)) if return_lse else loss
+    losses, lse = token_losses(transform_logits(logits, options), p.targets, options)
+    loss = reduce_losses(losses, p.targets, options, arguments.num_items_in_batch, p.batch_shape)
+    return (loss, lse.reshape(p.batch_shape)) if arguments.return_lse else loss
 
 
 def truth(hidden, weight, labels, bias, *, round_logits: bool, wrt=("hidden", "weight", "bias"), objective=total, **kwargs):

@@ -452,3 +452,32 @@ def test_exponential_counts():
     assert prologue_exponentials(shape, 256) / H100_SXM["exp_per_s"] == pytest.approx(10.2e-3, rel=0.01)
     with pytest.raises(ValueError, match="block_d"):
         prologue_exponentials(shape, 0)
+
+
+def test_trl_fused_head_is_measured_as_trl_calls_it():
+    # TRL's own head (every TRL >= 1.15 trainer runs it) scores only the valid rows; its mean
+    # negative log-probability is the loss. On CPU it runs its torch fallback.
+    pytest.importorskip("trl", reason="TRL is in the lock (the dev extra); absent only outside make's .venv")
+    (trl,) = methods.build_methods(["trl_fused_head"])
+    assert trl.fn is not None, trl.unavailable
+    problem = make_problem(Shape(37, 16, 100), "peaked", device="cpu", dtype=torch.float32)
+    hidden, weight = (t.detach().requires_grad_() for t in (problem.hidden, problem.weight))
+    loss = trl.fn(hidden, weight, problem.labels)
+    expected = methods.eager_loss(problem.hidden, problem.weight, problem.labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_precision_variants_run_the_default_plan_with_their_option():
+    assert methods.parse_budget("float32_logits") == "float32_logits"
+    entries = methods.fused_methods(["float32_logits", "float32_weight_sum"], [], liger_extra_bytes=None)
+    assert [e.name for e in entries] == ["fused@float32_logits", "fused@float32_weight_sum"]
+    assert entries[0].params == {"logits_dtype": "float32"} and entries[1].params == {"accumulation_dtype": "float32"}
+    json.dumps([e.params for e in entries])  # they go into result files
+    problem = make_problem(Shape(37, 16, 100), "peaked", device="cpu", dtype=torch.float32)
+    for entry in entries:
+        torch.testing.assert_close(
+            entry.fn(problem.hidden, problem.weight, problem.labels),
+            methods.eager_loss(problem.hidden, problem.weight, problem.labels), rtol=1e-5, atol=1e-5,
+        )

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from problems import IGNORE, make_problem
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, transform_logits
 from reference.peak_memory import peak_memory_bytes
 from loss_tolerances import forward_atols
 
-IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OPTIONS = {
@@ -44,35 +44,6 @@ OPTIONS = {
     "count_int": {"num_items_in_batch": 7},
     "all": {"softcap": 3.0, "logit_scale": 1.7, "label_smoothing": 0.1, "z_loss": 0.01},
 }
-
-
-def make_problem(
-    shape=(2, 9),
-    dim=8,
-    vocab=13,
-    *,
-    dtype=torch.float32,
-    bias=False,
-    ignore_frac=0.25,
-    logit_std=3.0,
-    seed=0,
-    requires_grad=True,
-    device="cpu",
-):
-    """hidden ``shape + (dim,)``, weight ``(vocab, dim)``, bias ``(vocab,)`` or None, labels ``shape``.
-
-    Logits come out about N(0, logit_std**2); a fraction of labels is ``IGNORE``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, dim, generator=gen, dtype=torch.float64)
-    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) * (logit_std / dim**0.5)
-    b = torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels[torch.rand(shape, generator=gen) < ignore_frac] = IGNORE
-    tensors = [
-        t.to(device, dtype).requires_grad_(requires_grad) if t is not None else None for t in (hidden, weight, b)
-    ]
-    return (*tensors, labels.to(device))
 
 
 def loss_and_grads(fn, hidden, weight, bias, labels, upstream=None, lse_upstream=None, **kwargs):

@@ -9,14 +9,14 @@ sum a 'none' loss in another order), gradients exactly.
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
-from fused.linear_cross_entropy import linear_cross_entropy
+from fused import ops
+from fused.api import linear_cross_entropy
+from fused.ops import LossInputs, Upstream
 
-fused_module = importlib.import_module("fused.linear_cross_entropy")
 # opcheck's own use of torch.jit, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -73,24 +73,26 @@ def test_eager_calls_on_plain_tensors_skip_the_dispatcher(monkeypatch):
     def dispatched(*args):
         raise AssertionError("an eager call on plain tensors went through the dispatcher")
 
-    monkeypatch.setattr(fused_module, "_forward_op", dispatched)
+    monkeypatch.setattr(ops, "forward_op", dispatched)
     linear_cross_entropy(hidden, weight, labels, bias=bias, backend="triton").backward()
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fake = torch.empty(3)
-    assert fused_module._needs_dispatcher(fake, None)
-    assert not fused_module._needs_dispatcher(hidden, weight, labels, None)
+    assert ops.needs_dispatcher(fake, None)
+    assert not ops.needs_dispatcher(hidden, weight, labels, None)
 
 
 def _forward_args(hidden, weight, bias, labels, *, reduction="mean", count=None, grads=(True, True, True), **options):
-    """The forward op's arguments, in its schema's order."""
-    return (
+    """The forward op's arguments."""
+    return LossInputs(
         hidden, weight, labels, bias,
-        count if isinstance(count, torch.Tensor) else None,
-        float(count) if isinstance(count, (int, float)) else None,
-        -100, False, reduction, options.get("label_smoothing", 0.0), options.get("softcap"),
-        options.get("logit_scale"), options.get("z_loss", 0.0), options.get("chunk_size"),
-        options.get("vocab_chunk_size"), torch.float32, *grads,
+        num_items=count if isinstance(count, torch.Tensor) else None,
+        num_items_value=float(count) if isinstance(count, (int, float)) else None,
+        ignore_index=-100, shift=False, reduction=reduction, label_smoothing=options.get("label_smoothing", 0.0),
+        softcap=options.get("softcap"), logit_scale=options.get("logit_scale"), z_loss=options.get("z_loss", 0.0),
+        chunk_size=options.get("chunk_size"), vocab_chunk_size=options.get("vocab_chunk_size"),
+        memory_budget=None, compute_dtype=torch.float32, logits_dtype=None, accumulation_dtype=None,
+        grad_hidden=grads[0], grad_weight=grads[1], grad_bias=grads[2],
     )
 
 
@@ -109,18 +111,19 @@ def test_opcheck_forward(kwargs):
     if "grads" in kwargs:  # the gradients the op computes in its forward pass are those required
         for t, flag in zip((hidden, weight, bias), kwargs["grads"]):
             t.requires_grad_(flag)
-    torch.library.opcheck(fused_module._forward_op, _forward_args(hidden, weight, bias, labels, **kwargs))
+    torch.library.opcheck(ops.forward_op, _forward_args(hidden, weight, bias, labels, **kwargs))
 
 
 def test_opcheck_backward():
     # The backward op has no derivative of its own (no double backward): plain inputs.
     hidden, weight, bias, labels = (t.detach() for t in problem(n=9, vocab=30))
     args = _forward_args(hidden, weight, bias, labels, reduction="none", grads=(False, False, False))
-    _, lse, *_ = fused_module._forward_op(*args)
+    _, lse, *_ = ops.forward_op(*args)
     gen = torch.Generator().manual_seed(1)
     loss_grad, lse_grad = torch.randn(2, 9, generator=gen).to(DEVICE)
-    backward_args = (*args[:16], lse.detach(), loss_grad, lse_grad, True, True, True)
-    torch.library.opcheck(fused_module._backward_op, backward_args)
+    wanted = args._replace(grad_hidden=True, grad_weight=True, grad_bias=True)
+    backward_args = (*wanted, *Upstream(lse.detach(), loss_grad, lse_grad))
+    torch.library.opcheck(ops.backward_op, backward_args)
 
 
 @pytest.mark.parametrize(

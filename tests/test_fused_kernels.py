@@ -1,4 +1,4 @@
-"""The Triton kernels of fused/kernels one by one, in the interpreter without CUDA, and the tile plan.
+"""The Triton kernels of fused/kernels one by one, in the interpreter without CUDA.
 
 Tolerances, float32: the statistics kernel sums exponentials block by block, so its lse
 differs from torch.logsumexp by a few ulps of ``max|z| + log V`` (held to 4); the target
@@ -16,29 +16,19 @@ import torch
 import triton
 import triton.language as tl
 
-from fused.kernels.launch import (
-    COLUMN_ALIGNMENT,
-    DEFAULT_MEMORY_BUDGET,
-    FULL_VOCABULARY_TILE_BYTES,
-    MAX_CHUNK_ROWS,
-    VOCABULARY_BLOCK,
-    TilePlan,
-    chunk_rows,
-    plan_for_budget,
-    plan_tiles,
-    row_kernel_launch,
-    statistics_bytes,
-)
+from fused.kernels.launch import row_kernel_launch
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
 from fused.kernels.upstream_scale import scale_unless_one
+from problems import DEVICE, random_like
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 
-# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
-# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
-# tests/gpu checks them there at real shapes and dtypes.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+# On a GPU machine these run the compiled kernels on CUDA tensors; elsewhere the kernels run
+# on CPU tensors through Triton's interpreter (conftest switches it on). tests/gpu adds real
+# shapes and 16-bit dtypes.
+
+pytestmark = pytest.mark.usefixtures("on_the_suites_device")
 
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -50,8 +40,8 @@ TRANSFORMS = {
 
 def tile_problem(rows=6, vocab=70, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=gen) * 4
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    logits = (torch.randn(rows, vocab, generator=gen, device="cpu") * 4).to(DEVICE)
+    targets = torch.randint(0, vocab, (rows,), generator=gen, device="cpu").to(DEVICE)
     targets[1] = -100
     return logits, targets
 
@@ -95,8 +85,7 @@ def test_gradient_of_a_vocabulary_block(name):
     # transform and token_losses, for random upstream gradients of the loss and of the lse.
     options = TRANSFORMS[name]
     logits, targets = tile_problem()
-    gen = torch.Generator().manual_seed(1)
-    loss_grad, lse_grad = torch.randn(2, logits.shape[0], generator=gen)
+    loss_grad, lse_grad = random_like((2, logits.shape[0]), seed=1)
     x = logits.clone().requires_grad_()
     losses, lse = token_losses(transform_logits(x, options), targets, options)
     (expected,) = torch.autograd.grad((losses * loss_grad).sum() + (lse * lse_grad).sum(), x)
@@ -196,43 +185,6 @@ def test_statistics_lanes_rescale_when_the_max_moves_late():
     lse = stats.max + torch.log(stats.sumexp)
     torch.testing.assert_close(lse, torch.logsumexp(logits.double(), -1).float(), rtol=0, atol=4 * EPS32 * 60)
     torch.testing.assert_close(stats.target_logit, logits[:, 2049], rtol=0, atol=0)
-
-
-def test_default_plan_is_the_default_budget_plan():
-    for n, v, d in [(37, 101, 16), (8192, 128256, 2048), (16384, 256000, 2304), (10**6, 1000, 64)]:
-        budget = DEFAULT_MEMORY_BUDGET + statistics_bytes(n)
-        assert plan_tiles(n, v, d, 2, None, None) == plan_for_budget(n, v, d, 2, budget)
-    assert plan_tiles(37, 101, 16, 4, None, None) == TilePlan(rows=37, cols=101)
-    # 512 MiB of bf16 logits hold 2093 rows of 128256: four chunks of 2048 of 8192 tokens.
-    assert plan_tiles(8192, 128256, 2048, 2, None, None) == TilePlan(rows=2048, cols=128256)
-
-
-def test_chunk_size_takes_the_whole_vocabulary_when_it_fits():
-    assert plan_tiles(37, 101, 16, 4, 10, 1000) == TilePlan(rows=10, cols=101)  # capped by the problem
-    rows = FULL_VOCABULARY_TILE_BYTES // (32000 * 2)
-    assert plan_tiles(rows + 5, 32000, 64, 2, rows, None) == TilePlan(rows=rows, cols=32000)
-
-
-@pytest.mark.parametrize("vocab", [128256, 151936, 256000, 262144])
-def test_chunk_size_cuts_a_large_vocabulary_into_equal_aligned_blocks(vocab):
-    plan = plan_tiles(8192, vocab, 2048, 2, 8192, None)
-    blocks = math.ceil(vocab / plan.cols)
-    assert plan.rows == 8192 and plan.cols % COLUMN_ALIGNMENT == 0
-    assert VOCABULARY_BLOCK // 2 < plan.cols <= VOCABULARY_BLOCK + COLUMN_ALIGNMENT
-    assert vocab - (blocks - 1) * plan.cols >= plan.cols / 2  # no sliver of a last block
-    assert plan.rows * plan.cols * 2 <= FULL_VOCABULARY_TILE_BYTES  # bounded, whatever N * V
-
-
-def test_plan_caps_the_rows_of_a_chunk():
-    rows = plan_tiles(10**6, 1000, 64, 2, None, None).rows
-    assert rows <= MAX_CHUNK_ROWS and math.ceil(10**6 / rows) == math.ceil(10**6 / MAX_CHUNK_ROWS)
-    assert plan_tiles(100, 1000, 64, 2, 4096, None).rows == 100
-
-
-@pytest.mark.parametrize("n,max_rows,expected", [(8192, 2093, 2048), (8192, 8192, 8192), (5000, 9000, 5000),
-                                                 (16384, 1766, 1024), (16384, 515, 512), (100, 40, 32)])
-def test_chunk_rows(n, max_rows, expected):
-    assert chunk_rows(n, max_rows) == expected
 
 
 def test_row_kernel_launch():

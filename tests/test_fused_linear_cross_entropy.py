@@ -18,7 +18,6 @@ summed loss adds up), plus rtol 1e-6; gradients to rtol 1e-5 plus atol 2e-5 * ma
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -27,23 +26,25 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused.linear_cross_entropy import linear_cross_entropy
+from fused import api, ops, tiles
+from fused.api import linear_cross_entropy
+from fused.problem import LabelCheck, tile_problem
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
-from reference.linear_cross_entropy import LabelCheck, LossOptions, transform_logits
+from reference.linear_cross_entropy import LossOptions, transform_logits
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
+import problems
 from loss_tolerances import forward_atols
+from problems import DEVICE, IGNORE, random_like
 
-# These run the Triton kernels on CPU tensors through the interpreter (conftest sets it on
-# machines without CUDA). On a GPU machine the kernels compile for the GPU instead, and
-# tests/gpu checks them there at real shapes and dtypes.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter suite: runs where CUDA is absent; see tests/gpu")
+# On a GPU machine these run the compiled kernels on CUDA tensors; elsewhere the kernels run
+# on CPU tensors through Triton's interpreter (conftest switches it on). tests/gpu adds real
+# shapes and 16-bit dtypes.
+
+pytestmark = pytest.mark.usefixtures("on_the_suites_device")
 
 
-# The module, not the function of the same name that fused/__init__ exports.
-fused_module = importlib.import_module("fused.linear_cross_entropy")
 
-IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
 N, D, V = 37, 24, 101
 OPTIONS = {
@@ -72,17 +73,9 @@ def triton_path(*args, **kwargs):
     return linear_cross_entropy(*args, backend="triton", **kwargs)
 
 
-def make_problem(shape=(N,), dim=D, vocab=V, *, bias=False, ignore_frac=0.25, logit_std=3.0, seed=0, requires_grad=True):
-    """hidden ``shape + (dim,)``, weight ``(vocab, dim)``, bias ``(vocab,)`` or None, labels ``shape``;
-    logits about N(0, logit_std**2), a fraction ``ignore_frac`` of the labels ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) * (logit_std / dim**0.5)
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels[torch.rand(shape, generator=gen) < ignore_frac] = IGNORE
-    tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (hidden, weight, b)]
-    return (*tensors, labels)
+def make_problem(shape=(N,), dim=D, vocab=V, **kwargs):
+    """``problems.make_problem`` with this module's default shape."""
+    return problems.make_problem(shape, dim, vocab, **kwargs)
 
 
 def outputs(fn, hidden, weight, bias, labels, upstream=None, lse_upstream=None, **kwargs):
@@ -147,8 +140,7 @@ def test_tile_plans(tiles, return_lse):
 
 def test_reduction_none_with_every_tile_plan():
     hidden, weight, b, labels = make_problem(bias=True, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    upstream, lse_upstream = torch.randn(2, N, generator=gen)
+    upstream, lse_upstream = random_like((2, N), seed=4)
     for tiles in TILES.values():
         assert_matches_contract(hidden, weight, b, labels, tiles=tiles, upstream=upstream, lse_upstream=lse_upstream,
                                 reduction="none", return_lse=True, **OPTIONS["all"])
@@ -213,9 +205,7 @@ def test_any_subset_of_inputs_requires_grad(requires):
 
 
 def test_float64_compute_dtype():
-    gen = torch.Generator().manual_seed(11)
-    hidden, weight = torch.randn(N, D, generator=gen, dtype=torch.float64), torch.randn(V, D, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, V, (N,), generator=gen)
+    hidden, weight, _, labels = make_problem(dtype=torch.float64, ignore_frac=0.0, seed=11, requires_grad=False)
     ours = triton_path(hidden, weight, labels, compute_dtype=torch.float64, reduction="none")
     exact = chunked_linear_cross_entropy(hidden, weight, labels, compute_dtype=torch.float64, reduction="none")
     assert ours.dtype == torch.float64
@@ -263,14 +253,14 @@ def test_forward_gradients_become_grad_without_a_copy(monkeypatch):
     # The point of gradients in the forward pass is memory: the V x D weight gradient must
     # become weight.grad itself, not a copy of it.
     made = {}
-    run_tiles = fused_module._run_tiles
+    run_tiles = tiles.run_tiles
 
     def spy(*args, **kwargs):
         out = run_tiles(*args, **kwargs)
         made.update(hidden=out.hidden.data_ptr(), weight=out.weight.data_ptr())
         return out
 
-    monkeypatch.setattr(fused_module, "_run_tiles", spy)
+    monkeypatch.setattr(ops, "run_tiles", spy)
     hidden, weight, _, labels = make_problem(seed=15)
     triton_path(hidden, weight, labels).backward()
     assert hidden.grad.data_ptr() == made["hidden"] and weight.grad.data_ptr() == made["weight"]
@@ -278,8 +268,8 @@ def test_forward_gradients_become_grad_without_a_copy(monkeypatch):
 
 def test_no_grad_computes_no_gradients(monkeypatch):
     calls = []
-    run_tiles = fused_module._run_tiles
-    monkeypatch.setattr(fused_module, "_run_tiles", lambda *a, **k: calls.append(k["wanted"]) or run_tiles(*a, **k))
+    run_tiles = tiles.run_tiles
+    monkeypatch.setattr(ops, "run_tiles", lambda *a, **k: calls.append(k["wanted"]) or run_tiles(*a, **k))
     hidden, weight, _, labels = make_problem(seed=16)
     with torch.no_grad():
         loss = triton_path(hidden, weight, labels)
@@ -307,7 +297,7 @@ def test_non_contiguous_inputs():
 
 
 def test_cpu_tensors_use_the_chunked_reference_by_default():
-    hidden, weight, b, labels = make_problem(bias=True, seed=18)
+    hidden, weight, b, labels = make_problem(bias=True, seed=18, device="cpu")
     for kwargs in ({}, {"chunk_size": 5, "reduction": "none", "return_lse": True}):
         auto = outputs(linear_cross_entropy, hidden, weight, b, labels, **kwargs)
         chunked = outputs(chunked_linear_cross_entropy, hidden, weight, b, labels, **kwargs)
@@ -318,7 +308,7 @@ def test_cpu_tensors_use_the_chunked_reference_by_default():
 
 def _bad(**changes):
     """Arguments of a valid call with ``changes`` applied."""
-    hidden, weight, _, labels = make_problem(seed=19, requires_grad=False)
+    hidden, weight, _, labels = make_problem(seed=19, requires_grad=False, device="cpu")
     return {"hidden": hidden, "weight": weight, "labels": labels, **changes}
 
 
@@ -346,6 +336,8 @@ BAD_INPUTS = {
     "vocab_chunk_size_bool": (_bad(vocab_chunk_size=True), TypeError, "vocab_chunk_size must be an int"),
     "compute_dtype": (_bad(compute_dtype=torch.float16), ValueError, "compute_dtype must be"),
     "backend": (_bad(backend="cuda"), ValueError, "backend must be"),
+    "logits_dtype": (_bad(logits_dtype=torch.float16), ValueError, "logits_dtype must be None"),
+    "accumulation_dtype": (_bad(accumulation_dtype=torch.bfloat16), ValueError, "accumulation_dtype must be None"),
     "shift_int": (_bad(shift=2), TypeError, "shift must be True or False"),
 }
 
@@ -356,6 +348,8 @@ def test_bad_inputs(name, backend):
     kwargs, error, message = BAD_INPUTS[name]
     if name == "backend":
         backend = kwargs["backend"]
+    # The table is built on the CPU at import; the call runs where the suite's kernels run.
+    kwargs = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
     kwargs = {**kwargs, "backend": backend}
     with pytest.raises(error, match=message):
         linear_cross_entropy(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("labels"), **kwargs)
@@ -375,12 +369,27 @@ def test_a_bad_label_raises_whether_or_not_gradients_are_wanted(kwargs, grad):
         triton_path(hidden, weight, labels, **kwargs)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_deferred_label_check_raises_when_read(shift):
+    hidden, weight, _, labels = make_problem((2, 5), 4, 11, ignore_frac=0.0, seed=23)
+    labels[1, 0] = IGNORE
+    problem = tile_problem(hidden, weight, labels, None, LossOptions(), shift=shift, num_items_in_batch=None)
+    # Unshifted, 10 labels less the ignored one; shifted, each row's first label (the ignored
+    # one among them) is no target and its last target is ignored: 2 * 4.
+    assert problem.valid_tokens == (8 if shift else 9) and problem.label_check.read() == problem.valid_tokens
+    labels[0, 0] = 12  # a first label: not a target after the shift, still checked
+    problem = tile_problem(hidden, weight, labels, None, LossOptions(), shift=shift, num_items_in_batch=None)
+    for _ in range(2):  # every read raises, not only the first
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
+            problem.valid_tokens
+
+
 def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monkeypatch):
     # The labels' operations and the check's read cost host time, and the read waits for the
     # device: done first, they would leave the GPU idle before the first product.
     events = []
-    logits_tile, check_init, read = fused_module._logits_tile, LabelCheck.__init__, LabelCheck.read
-    monkeypatch.setattr(fused_module, "_logits_tile", lambda *a: events.append("logits") or logits_tile(*a))
+    logits_tile, check_init, read = tiles.logits_tile, LabelCheck.__init__, LabelCheck.read
+    monkeypatch.setattr(tiles, "logits_tile", lambda *a: events.append("logits") or logits_tile(*a))
     monkeypatch.setattr(LabelCheck, "__init__", lambda self, *a: events.append("check") or check_init(self, *a))
     monkeypatch.setattr(LabelCheck, "read", lambda self: events.append("read") or read(self))
     hidden, weight, _, labels = make_problem(seed=22)
@@ -389,8 +398,8 @@ def test_the_labels_are_worked_on_after_the_first_logits_product_is_queued(monke
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(fused_module, "KERNELS_INTERPRETED", False)
-    hidden, weight, _, labels = make_problem(seed=20)
+    monkeypatch.setattr(api, "KERNELS_INTERPRETED", False)
+    hidden, weight, _, labels = make_problem(seed=20, device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         triton_path(hidden, weight, labels)
 
@@ -406,15 +415,12 @@ def test_peak_memory_follows_the_formula(dtype):
     # On CPU, adding the float16 partial product into the float32 accumulator upcasts it
     # through a temporary of the accumulator's size (CUDA casts on the fly): counted too.
     n, d, vocab, cols = 128, 16, 1024, 256
-    gen = torch.Generator().manual_seed(21)
-    hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
-    weight = torch.randn(vocab, d, generator=gen).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    hidden, weight, _, labels = make_problem((n,), d, vocab, dtype=dtype, ignore_frac=0.0, logit_std=d**0.5, seed=21)
 
     def forward_backward():
         triton_path(hidden, weight, labels, vocab_chunk_size=cols).backward()
 
-    peak = peak_memory_bytes(forward_backward)
+    peak = peak_memory_bytes(forward_backward, DEVICE)
     size = hidden.element_size()
     grads = (n + vocab) * d * size
     accumulator = n * d * 4 if size < 4 else 0
@@ -429,10 +435,7 @@ def test_float16_gradients_meet_the_precision_rule():
     # interpreter (its float32 -> float16 rounding is torch's), so the accumulation of
     # grad_hidden over vocabulary blocks and over row chunks is checked here too.
     n, d, vocab = 96, 32, 1000
-    gen = torch.Generator().manual_seed(22)
-    hidden = torch.randn(n, d, generator=gen)
-    weight = torch.randn(vocab, d, generator=gen) * (4.0 / d**0.5)
-    labels = torch.randint(0, vocab, (n,), generator=gen)
+    hidden, weight, _, labels = make_problem((n,), d, vocab, ignore_frac=0.0, logit_std=4.0, seed=22, requires_grad=False)
     labels[::7] = IGNORE
 
     def grads(fn, dtype):
@@ -450,6 +453,38 @@ def test_float16_gradients_meet_the_precision_rule():
         assert abs(ours[0] - truth[0]) <= 1.5 * abs(torch_half[0] - truth[0]) + 4 * EPS32 * truth[0]
         for mine, theirs, exact in zip(ours[1:], torch_half[1:], truth[1:]):
             assert (mine - exact).norm() <= 1.5 * (theirs - exact).norm()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_float32_logits_remove_the_16_bit_rounding_of_the_loss(backend):
+    # Against a float64 truth from the same float16 inputs: by default the loss carries the
+    # logits' rounding to float16, as transformers' does; with float32 tiles only float32's.
+    hidden, weight, b, labels = make_problem((64,), 32, 300, dtype=torch.float16, bias=True, logit_std=8.0, seed=24)
+    wide = [t.detach().double() for t in (hidden, weight, b)]
+    truth = contract(*wide[:2], labels, bias=wide[2], reduction="none")
+    def error(**knobs):
+        loss = linear_cross_entropy(hidden, weight, labels, bias=b, reduction="none", backend=backend, **knobs)
+        return (loss.double() - truth).abs().max().item()
+    stock = error()
+    assert stock == (contract(hidden, weight, labels, bias=b, reduction="none").double() - truth).abs().max().item()
+    z_scale = 8.0 * 4 + math.log(300)  # a generous bound on |z| + log V
+    assert error(logits_dtype=torch.float32) <= 16 * EPS32 * z_scale < stock / 10
+
+
+def test_float32_weight_sums_over_row_chunks_are_no_worse_than_eager():
+    # float16 grad_weight summed over 16 row chunks: rounded once per chunk by default, once
+    # in all with accumulation_dtype=float32 (the precision rule: within 1.5x eager's error).
+    hidden, weight, _, labels = make_problem((512,), 16, 200, dtype=torch.float16, logit_std=4.0, seed=25)
+    exact_w = weight.detach().double().requires_grad_()
+    contract(hidden.detach().double(), exact_w, labels).backward()
+    def weight_error(fn, **knobs):
+        w = weight.detach().clone().requires_grad_()
+        fn(hidden.detach(), w, labels, **knobs).backward()
+        return ((w.grad.double() - exact_w.grad).norm() / exact_w.grad.norm()).item()
+    eager = weight_error(contract)
+    summed = weight_error(triton_path, chunk_size=32, accumulation_dtype=torch.float32)
+    assert summed <= 1.5 * eager
+    assert summed <= weight_error(triton_path, chunk_size=32)
 
 
 # ---- properties ---------------------------------------------------------------------------
@@ -470,6 +505,6 @@ def test_float16_gradients_meet_the_precision_rule():
 def test_matches_contract_property(n, vocab, dim, seed, ignore_frac, option, chunk_size, vocab_chunk_size, return_lse):
     hidden, weight, b, labels = make_problem((n,), dim, vocab, bias=seed % 2 == 0, ignore_frac=ignore_frac, seed=seed)
     kwargs = dict(OPTIONS[option])
-    upstream = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if kwargs.get("reduction") == "none" else None
+    upstream = random_like(n, seed) if kwargs.get("reduction") == "none" else None
     tiles = {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size}
     assert_matches_contract(hidden, weight, b, labels, tiles=tiles, upstream=upstream, return_lse=return_lse, **kwargs)

@@ -1,57 +1,15 @@
-"""The memory_budget knob: the plan it picks fits the budget by the stated formula, prefers
-whole-vocabulary tiles, and gives the same loss and gradients as the contract."""
+"""The memory_budget knob end to end: the same loss and gradients as the contract, and a
+measured peak within the budget (the planner's arithmetic: tests/test_plan.py)."""
 
 import pytest
 import torch
 
 import fused
-from fused.kernels.launch import (
-    FEW_WHOLE_VOCABULARY_ROWS, MIN_BUDGET_COLS, TilePlan, held_bytes, plan_for_budget, statistics_bytes,
-)
+from fused.plan import PlanSizes, TilePlan, plan_for_budget, statistics_bytes
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
 
 MiB = 2**20
-
-
-def _extra_bytes(plan: TilePlan, n_rows: int, vocab: int, hidden_dim: int, itemsize: int) -> int:
-    accumulator = plan.rows * hidden_dim * 4 if plan.cols < vocab and itemsize < 4 else 0
-    return held_bytes(plan.rows * plan.cols * itemsize) + held_bytes(accumulator) + statistics_bytes(n_rows)
-
-
-@pytest.mark.parametrize("n,d,v", [(8192, 2048, 128256), (8192, 2304, 256000), (16384, 4096, 151936), (4096, 4096, 32000)])
-@pytest.mark.parametrize("budget", [4 * MiB, 32 * MiB, 64 * MiB, 150 * MiB, 512 * MiB])
-def test_plan_fits_the_budget(n, d, v, budget):
-    plan = plan_for_budget(n, v, d, 2, budget)
-    assert _extra_bytes(plan, n, v, d, 2) <= budget
-    assert 1 <= plan.rows <= n and min(v, MIN_BUDGET_COLS) <= plan.cols <= v
-    if plan.cols < v:  # whole-vocabulary tiles were not affordable with enough rows
-        rows = min(n, FEW_WHOLE_VOCABULARY_ROWS)
-        assert held_bytes(rows * v * 2) + statistics_bytes(n) > budget
-
-
-def test_plan_prefers_whole_vocabulary_tiles():
-    assert plan_for_budget(4096, 32000, 4096, 2, 512 * MiB) == TilePlan(rows=4096, cols=32000)
-
-
-def test_plan_prefers_vocabulary_blocks_of_at_least_vocabulary_block_columns():
-    # 2048 x 3008 tiles would fit too; 1024 x 10048 ones are faster on an H100 (launch.py).
-    assert plan_for_budget(8192, 128256, 2048, 2, 30 * MiB) == TilePlan(rows=1024, cols=10048)
-    # No room for VOCABULARY_BLOCK columns at MIN_WHOLE_VOCABULARY_ROWS rows: the most rows
-    # that leave room for MIN_BUDGET_COLS (the 1 MiB accumulator needs no slack).
-    assert plan_for_budget(8192, 128256, 2048, 2, 4 * MiB) == TilePlan(rows=128, cols=6976)
-
-
-def test_plan_takes_384_whole_vocabulary_rows_when_512_do_not_fit():
-    # 512 x 151936 bf16 logits take 148.4 MiB, 149.4 as the allocator may hold them, and the
-    # statistics of 16384 tokens 0.6 MiB: 149.95 MiB in all.
-    assert plan_for_budget(16384, 151936, 4096, 2, 149 * MiB) == TilePlan(rows=384, cols=151936)
-    assert plan_for_budget(16384, 151936, 4096, 2, 150 * MiB) == TilePlan(rows=512, cols=151936)
-
-
-def test_too_small_budget_names_the_minimum():
-    with pytest.raises(ValueError, match=r"memory_budget=1000 bytes is too small .* at least \d+ bytes"):
-        plan_for_budget(4096, 32000, 4096, 2, 1000)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -95,7 +53,7 @@ def test_measured_peak_stays_within_the_budget(n, v, budget):
     step()
     h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
     extra = peak_memory_bytes(step, device) - (n + v) * d * 4
-    plan = plan_for_budget(n, v, d, 4, budget)
+    plan = plan_for_budget(PlanSizes(n, v, d, 4), budget)
     assert plan.rows * plan.cols * 4 <= extra <= budget  # the tile, at least, was measured
 
 
@@ -121,7 +79,7 @@ def test_measured_peak_counts_every_per_token_buffer():
     y = torch.randint(0, v, (b, t), device=device)
     y[:, ::3] = -100
     budget = statistics_bytes(n, 8) + 64 * v * 8
-    assert plan_for_budget(n, v, d, 8, budget, compute_itemsize=8) == TilePlan(rows=64, cols=v)
+    assert plan_for_budget(PlanSizes(n, v, d, 8, compute_itemsize=8), budget) == TilePlan(rows=64, cols=v)
 
     def step():
         loss = fused.linear_cross_entropy(

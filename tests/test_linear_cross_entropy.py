@@ -19,22 +19,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, prepare_inputs
+from problems import IGNORE, make_problem
+from reference.linear_cross_entropy import LossArguments, LossOptions, linear_cross_entropy, prepare_inputs
 
-IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def make_problem(shape=(2, 9), dim=8, vocab=13, *, dtype=torch.float32, bias=False, ignore_frac=0.25, seed=0):
-    """hidden ``shape + (dim,)``, weight ``(vocab, dim)``, bias or None, labels ``shape``; logits ~ N(0, 9)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) * (3 / dim**0.5)
-    b = torch.randn(vocab, generator=gen) if bias else None
-    labels = torch.randint(0, vocab, shape, generator=gen)
-    labels[torch.rand(shape, generator=gen) < ignore_frac] = IGNORE
-    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    return (*leaves, labels)
 
 
 def grads_of(loss, *inputs):
@@ -293,23 +281,32 @@ def test_bad_inputs(changes, error, message):
 
 
 @pytest.mark.parametrize("shift", [False, True])
-def test_a_deferred_label_check_raises_when_read(shift):
+def test_every_label_is_checked_even_one_that_is_no_target(shift):
     labels = L.clone()
-    labels[1, 0] = -100
-    p = prepare_inputs(H, W, labels, None, LossOptions(), shift=shift, defer_label_check=True)
-    # Unshifted, 10 labels less the ignored one; shifted, each row's first label (the ignored
-    # one among them) is no target and its last target is ignored: 2 * 4.
-    assert p.valid_tokens == (8 if shift else 9) and p.label_check.read() == p.valid_tokens
     labels[0, 0] = 12  # a first label: not a target after the shift, still checked
-    p = prepare_inputs(H, W, labels, None, LossOptions(), shift=shift, defer_label_check=True)
-    for _ in range(2):  # every read raises, not only the first
-        with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
-            p.valid_tokens
-    with pytest.raises(ValueError, match="found 12"):
-        prepare_inputs(H, W, labels, None, LossOptions(), shift=shift)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) or equal ignore_index=-100; found 12"):
+        prepare_inputs(H, W, labels, LossArguments(shift=shift))
 
 
 def test_options_are_validated_on_their_own():
     assert LossOptions().reduction == "mean"
     with pytest.raises(ValueError, match="reduction must be one of"):
         LossOptions(reduction="max")
+
+
+def test_every_version_takes_the_contracts_keywords():
+    # One declaration (LossArguments) gives the contract, the chunked reference and the fused
+    # op the same keywords and defaults, each followed by its own knobs; a misspelt keyword
+    # is an error, not silently dropped.
+    import inspect
+
+    from fused import linear_cross_entropy as fused_loss
+    from reference.chunked_cross_entropy import chunked_linear_cross_entropy
+
+    shared = list(LossArguments._field_defaults.items())
+    for fn in (linear_cross_entropy, chunked_linear_cross_entropy, fused_loss):
+        parameters = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in parameters[:3]] == ["hidden", "weight", "labels"]
+        assert [(p.name, p.default) for p in parameters[3 : 3 + len(shared)]] == shared
+        with pytest.raises(TypeError, match="unexpected keyword argument 'reduce'"):
+            fn(H, W, L, reduce="sum")

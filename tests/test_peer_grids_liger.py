@@ -16,7 +16,7 @@ runs one program per token, about 20 ms each): ``_on_cpu``.
 Where the project differs on purpose:
 - Features it lacks are skips naming them: per-class weights (``weight=`` /
   ``ce_weight``), token accuracy and predicted tokens, token scaling, Liger's structured
-  output, float32 accumulation of ``grad_weight`` (``accum_dtype``, asked for in issue 21).
+  output. Liger's ``accum_dtype=torch.float32`` is the op's ``accumulation_dtype``.
 - Liger's z-loss component (``return_z_loss``) is not returned separately: the op returns
   the per-token ``lse`` (``return_lse=True``), from which the component is
   ``z * sum(lse**2) / count`` (``_z_component``), held to Liger's tolerance.
@@ -60,9 +60,9 @@ def _on_cpu(b: int, t: int, v: int) -> tuple[int, int, int]:
     return b, min(t, max(1, 64 // b)), v if v <= 4096 else 4000
 
 
-def _op(backend):
+def _op(backend, **knobs):
     def fn(*args, **kwargs):
-        return linear_cross_entropy(*args, backend=backend, **kwargs)
+        return linear_cross_entropy(*args, backend=backend, **knobs, **kwargs)
 
     return fn
 
@@ -336,10 +336,10 @@ def test_correctness_true_class_grad_confident_predictions(request, backend, dty
 
 def _flce_case(request, backend, shape, dtype, atol, rtol, *, has_bias, seed=0, weight_init="rand",
                ignore_index=-100, ignore_some=True, upstream="one", return_z=False, backward=True, kind="peer",
-               autocast=None, **options):
+               autocast=None, accum_dtype=None, **options):
     """Liger's TorchLMHeadCE against the op: ``x ~ N(0, 1)``, ``W ~ U[0, 1)`` (``weight_init``
     'randn': N(0, 1)), bias likewise; compares the loss, the z-loss component, and the
-    gradients of x, W, bias."""
+    gradients of x, W, bias. ``accum_dtype``: the op's ``accumulation_dtype``."""
     b, t, h, v = shape
     b, t, v = _on_cpu(b, t, v) if v > 4096 or b * t > 64 else (b, t, v)
     gen = generator(seed)
@@ -360,13 +360,15 @@ def _flce_case(request, backend, shape, dtype, atol, rtol, *, has_bias, seed=0, 
     kwargs = dict(ignore_index=ignore_index, return_lse=return_z, **options)
     if autocast is None:
         want = truth(x, weight, targets, bias, round_logits=True, objective=objective, **kwargs)
-        got = run(_op(backend), x, weight, targets, bias, objective=objective, **kwargs)
+        got = run(_op(backend, accumulation_dtype=accum_dtype), x, weight, targets, bias, objective=objective,
+                  **kwargs)
     else:
         # Under autocast the head runs in the autocast dtype: the truth of the cast inputs.
         cast = [None if p is None else p.to(autocast) for p in (x, weight, bias)]
         want = truth(*cast[:2], targets, cast[2], round_logits=True, objective=objective, **kwargs)
         with torch.autocast(DEVICE, dtype=autocast):
-            got = run(_op(backend), x, weight, targets, bias, objective=objective, **kwargs)
+            got = run(_op(backend, accumulation_dtype=accum_dtype), x, weight, targets, bias, objective=objective,
+                      **kwargs)
     ratios = {"loss": allclose_ratio(got[0], want[0], atol, rtol)}
     if return_z:
         z_args = (targets, options["z_loss"], ignore_index, reduction)
@@ -398,12 +400,10 @@ def _flce_options(has_ce_weight, label_smoothing, ignore_index, lse_square_scale
 )
 def test_flce_correctness(request, backend, B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight,
                           label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss, accum_dtype):
-    # accum_dtype (float32 accumulation of grad_weight over row chunks) is missing too; these
-    # problems fit in one row chunk, where it changes nothing.
     kind, options = _flce_options(has_ce_weight, label_smoothing, ignore_index, lse_square_scale, softcap,
                                   return_z_loss)
     _flce_case(request, backend, (B, T, H, V), dtype, atol, rtol, has_bias=bias, reduction=reduction, kind=kind,
-               **options)
+               accum_dtype=accum_dtype, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -463,12 +463,10 @@ def test_flce_correctness_with_token_accuracy(request, backend, B, T, H, V, redu
      together(False, FP16, 5e-3, 5e-2)], [None, FP32],
     default=lambda b, t, h, v, bias, dtype, a, r, accum: b == 4 and bias and dtype == BF16 and accum is None))
 def test_flce_amp(request, backend, B, T, H, V, bias, cast_dtype, atol, rtol, accum_dtype):
-    if accum_dtype is not None:
-        pytest.skip("missing feature: float32 accumulation of grad_weight over row chunks (accum_dtype; issue 21)")
     # Liger builds two nn.Linear heads and shares only their weight; one bias here, drawn as
     # nn.Linear's default (U(-1/sqrt(H), 1/sqrt(H))).
     _flce_case(request, backend, (B, T, H, V), FP32, atol, rtol, has_bias=bias, ignore_some=False,
-               autocast=cast_dtype)
+               autocast=cast_dtype, accum_dtype=accum_dtype)
 
 
 @pytest.mark.parametrize("name", cases(

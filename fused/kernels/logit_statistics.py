@@ -11,8 +11,7 @@ numbers, carried over from the previous vocabulary blocks of the same rows:
 
 Within a row each of the ``BLOCK_V`` lanes keeps its own running max and sum, so a block
 costs one exponential per logit and no reduction across the program; the lanes are merged
-once, at the end of the row. (Merging every block, with the barriers that takes, held the
-kernel to about half the H100's memory bandwidth.) After the last block
+once, at the end of the row (merging every block would take a barrier per block). After the last block
 ``lse = max + log(sumexp)``. One program per row; the row offset is computed in int64 so
 tiles beyond 2**31 elements are addressed correctly.
 """

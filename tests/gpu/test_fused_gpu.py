@@ -3,7 +3,7 @@ N x V beyond 2**31, and the memory formula. Skipped without CUDA.
 
 Run: python -m pytest tests/gpu -x -q
 
-The precision rule (issue 3): against a float64 truth computed from the very same inputs
+The precision rule: against a float64 truth computed from the very same inputs
 (``reference.chunked_cross_entropy`` with ``compute_dtype=float64`` on float64 copies), the
 fused op's error is no worse than torch eager's in the same dtype (the contract,
 ``reference.linear_cross_entropy``: logits in the inputs' dtype, then float32) times
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fused import linear_cross_entropy
-from fused.kernels.launch import statistics_bytes
+from fused.plan import statistics_bytes
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
@@ -43,7 +43,7 @@ def _free_memory():
 
 
 def make_problem(n, d, vocab, dtype, data="peaked", seed=0, bias=False, shape=None):
-    """As ../shared/bench/anchor_bench.py: hidden ~ N(0, 1); logits of std ~0.5 ("uniform")
+    """As the peers' benchmark draws them (bench/problems.py): hidden ~ N(0, 1); logits of std ~0.5 ("uniform")
     or ~4 with labels drawn from the model's own softmax ("peaked"); 10% of labels ignored."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     scale = 0.5 if data == "uniform" else 4.0
@@ -164,7 +164,7 @@ def test_more_than_2_31_logits_in_one_tile():
 
 
 def test_anchor_call_and_peak_memory():
-    # The call ../shared/bench/anchor_bench.py makes, fn(hidden, weight, labels) -> mean
+    # The call the peers' benchmark makes, fn(hidden, weight, labels) -> mean
     # loss, measured its way: peak allocated during forward + backward above what was
     # allocated before, which includes the returned gradients. The rest must follow the
     # module docstring's formula: one tile + the float32 grad_hidden accumulator + O(N).
@@ -185,9 +185,9 @@ def test_anchor_call_and_peak_memory():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     grads = (n + vocab) * d * 2
-    from fused.kernels.launch import DEFAULT_MEMORY_BUDGET, plan_tiles
+    from fused.plan import DEFAULT_MEMORY_BUDGET, PlanSizes, tile_plan
 
-    plan = plan_tiles(n, vocab, d, 2, None, None)
+    plan = tile_plan(PlanSizes(n, vocab, d, 2))
     accumulator = plan.rows * d * 4 if plan.cols < vocab else 0
     formula = plan.rows * plan.cols * 2 + accumulator + 64 * n
     assert plan.rows * plan.cols * 2 + accumulator <= DEFAULT_MEMORY_BUDGET
