@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default="peaked,uniform", help=f"data kinds of the 'shapes' part, from {DATA_KINDS}")
     ap.add_argument("--sweep-data", default="peaked", help="data kinds of the sweeps")
     ap.add_argument("--profile-data", default="peaked", help="data kinds of the 'profile' part")
+    ap.add_argument("--autocast", choices=["bfloat16", "float16"],
+                    help="run every method (and the bound) under torch.autocast to this dtype; use with --dtype float32")
     ap.add_argument("--chunk-sizes", default="",
                     help="explicit settings of the fused kernel, comma list of ROWS (chunk_size) or ROWSxCOLS (and vocab_chunk_size)")
     gpu = {k: v[0] for k, v in PRESETS.items()}
@@ -175,7 +177,8 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device) -> Non
             return f"time budget of {args.time_budget_s:g} s spent"
         return None
 
-    kernel_settings = RunSettings(device, args.dtype, args.reps, args.warmup, stop_reason)
+    autocast = None if args.autocast is None else getattr(torch, args.autocast)
+    kernel_settings = RunSettings(device, args.dtype, args.reps, args.warmup, stop_reason, autocast=autocast)
     e2e_settings = replace(kernel_settings, reps=args.e2e_reps, warmup=args.e2e_warmup)
     methods = build_methods(args.methods)
     fused_budgets = args.budgets if "fused" in args.methods else []

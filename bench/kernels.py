@@ -41,6 +41,13 @@ class RunSettings:
     stop_reason: Callable[[], str | None]
     # Profile one more run of each method (bench.time_breakdown).
     profile: bool = False
+    # Run every method and the bound under torch.autocast to this dtype (mixed precision:
+    # float32 inputs, products in the autocast dtype), or None.
+    autocast: torch.dtype | None = None
+
+    def precision(self) -> Any:
+        """The context every timed call runs in: autocast when asked, else nothing."""
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
 
 def _free_memory(device: torch.device) -> None:
@@ -77,8 +84,9 @@ def _time_bound(problem: Problem, settings: RunSettings) -> Record:
     hidden, weight = problem.hidden.detach(), problem.weight.detach()
 
     def three_matmuls() -> None:
-        logits = hidden @ weight.t()
-        logits @ weight, logits.t() @ hidden
+        with settings.precision():
+            logits = hidden @ weight.t()
+            logits @ weight, logits.t() @ hidden
 
     t = measure(three_matmuls, lambda: None, settings.device, reps=settings.reps, warmup=settings.warmup)
     return {
@@ -90,7 +98,8 @@ def _time_bound(problem: Problem, settings: RunSettings) -> Record:
 
 def _time_method(method: Method, problem: Problem, truth: Truth | None, bound_ms: float | None, settings: RunSettings) -> Record:
     def forward_backward() -> torch.Tensor:
-        loss = method.fn(problem.hidden, problem.weight, problem.labels)
+        with settings.precision():
+            loss = method.fn(problem.hidden, problem.weight, problem.labels)
         loss.backward()
         return loss.detach()
 

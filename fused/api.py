@@ -14,6 +14,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from fused.kernels.logit_statistics import logit_statistics_kernel
 from fused.ops import LossInputs, fused_loss
 from fused.plan import reference_chunk_rows
+from fused.vocab_parallel import is_dtensor, vocab_parallel_linear_cross_entropy
 from reference.chunked_cross_entropy import COMPUTE_DTYPES, chunked_linear_cross_entropy
 from reference.input_checks import check_size
 from reference.linear_cross_entropy import LossArguments, check_inputs, check_shift, takes_loss_arguments
@@ -100,6 +101,9 @@ def linear_cross_entropy(
     Under ``torch.autocast`` the loss is what ``F.linear`` + the loss compute there: the
     matmuls in the autocast dtype (float32 ``hidden``, ``weight`` and ``bias`` are cast to it;
     the gradients reach them in float32), the statistics in float32.
+
+    A ``weight`` that is a DTensor sharded over the vocabulary (``Shard(0)`` on a 1-D mesh,
+    tensor parallelism) runs ``fused.vocab_parallel``: the same loss, combined across ranks.
     """
     bias, num_items_in_batch = arguments.bias, arguments.num_items_in_batch
     options = arguments.options()
@@ -116,6 +120,16 @@ def linear_cross_entropy(
         raise ValueError("memory_budget chooses chunk_size and vocab_chunk_size; pass either it or them")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if is_dtensor(weight):
+        if vocab_chunk_size is not None or logits_dtype is not None or accumulation_dtype is not None:
+            raise ValueError(
+                "a vocabulary-sharded weight runs fused.vocab_parallel, which chunks rows only and keeps stock "
+                "precision: vocab_chunk_size, logits_dtype and accumulation_dtype are not supported there"
+            )
+        return vocab_parallel_linear_cross_entropy(
+            hidden, weight, labels, arguments, chunk_size=chunk_size, memory_budget=memory_budget,
+            compute_dtype=compute_dtype, backend=backend,
+        )
     if backend == "auto":
         backend = "triton" if isinstance(hidden, Tensor) and hidden.is_cuda else "reference"
     if backend == "reference":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import triton
 
 # At most this many tokens share one tile; more tokens means several row chunks, whose
@@ -217,3 +218,21 @@ def reference_chunk_rows(n_rows: int, vocab: int, memory_budget: int, *, compute
     it holds about two chunks of logits in the compute dtype at once, beside the statistics."""
     room = memory_budget - statistics_bytes(n_rows, compute_itemsize)
     return max(1, room // (2 * compute_itemsize * vocab))
+
+
+# Rows per chunk of the vocabulary-parallel path when no knob is set.
+VOCAB_PARALLEL_CHUNK_ROWS = 1024
+
+
+def vocab_parallel_chunk_rows(
+    n_rows: int, local_vocab: int, chunk_size: int | None, memory_budget: int | None, compute_dtype: torch.dtype
+) -> int:
+    """Rows per chunk of ``fused.vocab_parallel`` on a shard of ``local_vocab`` entries:
+    ``chunk_size`` as given, or as many as fit ``memory_budget`` with about three chunk-sized
+    buffers of logits in the compute dtype alive at once, beside the statistics."""
+    if chunk_size is not None:
+        return chunk_size
+    if memory_budget is None:
+        return VOCAB_PARALLEL_CHUNK_ROWS
+    per_row = 3 * compute_dtype.itemsize * max(1, local_vocab)
+    return max(1, (memory_budget - statistics_bytes(n_rows, compute_dtype.itemsize)) // per_row)

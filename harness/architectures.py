@@ -8,7 +8,7 @@ before each run:
 
 - ``labels=None``: the logits must be bit-identical (that path is the stock forward);
 - with labels, without a count and with ``num_items_in_batch`` as an int and as a 0-d
-  tensor: the loss and the gradient of every parameter, within ``fused.patch_probe``'s
+  tensor: the loss and the gradient of every parameter, within ``fused.hf.probe``'s
   float32 tolerance, every such call counted as fused by the report.
 
 The same models answer the ``num_items_in_batch`` question (``reference.num_items_probe``):
@@ -86,7 +86,7 @@ def _run(model, inputs: dict, seed: int):
 def _loss_and_grads(model, inputs: dict, seed: int):
     import torch
 
-    from fused.patch_probe import loss_of
+    from fused.hf.probe import loss_of
 
     loss = loss_of(_run(model, inputs, seed))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,8 +109,8 @@ def compare(model, result: Result) -> None:
     """Stock against patched on ``model`` (see the module docstring); fills ``result``."""
     import torch
 
-    from fused.patch import patch_model
-    from fused.patch_probe import TOLERANCE, gradient_errors, probe_inputs, probe_labels, relative_error
+    from fused.hf.patch import patch_model
+    from fused.hf.probe import TOLERANCE, gradient_errors, probe_inputs, probe_labels, relative_error
     from reference.num_items_probe import probe_num_items_in_batch
 
     generator = torch.Generator().manual_seed(1)

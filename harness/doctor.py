@@ -31,8 +31,6 @@ EXPLAINED = {
     "std 5.9 (a tiny Llama's: 0.11), so training starts far above ln V",
     "minicpm3": "the default config's initializer_range 0.1 with tied, scale_emb-scaled embeddings gives "
     "random-init logits of std 5.0 (a tiny Llama's: 0.11), so training starts far above ln V",
-    "kosmos-2.5": "a true alarm: patch_model sets accepts_loss_kwargs = False although the loss divides by "
-    "num_items_in_batch (num_items_coverage.md records the same disagreement)",
 }
 
 
@@ -56,7 +54,7 @@ def correct_batch(model) -> dict:
 
     from fused.doctor.extra_inputs import expected_inputs
     from fused.doctor.subject import Subject
-    from fused.patch_probe import probe_inputs
+    from fused.hf.probe import probe_inputs
 
     input_ids = probe_inputs(model, torch.Generator().manual_seed(1), BATCH, LENGTH)["input_ids"]
     with torch.no_grad():

@@ -89,11 +89,12 @@ class LossArguments(NamedTuple):
 
 def takes_loss_arguments(function: Callable) -> Callable:
     """Make ``function(hidden, weight, labels, arguments, *, <its own knobs>)`` callable as
-    ``function(hidden, weight, labels, *, <LossArguments' keywords>, <its own knobs>)``, with
+    ``function(hidden, weight, labels, *, <LossArguments' keywords>, <its own knobs>)`` (the
+    first three parameters under the function's own names), with
     that signature for ``help`` and ``inspect``, and Python's ``TypeError`` for an unknown
     keyword."""
     own = inspect.signature(function)
-    positional = [own.parameters[name] for name in ("hidden", "weight", "labels")]
+    positional = list(own.parameters.values())[:3]
     knobs = [p for p in own.parameters.values() if p.kind is p.KEYWORD_ONLY]
     hints = get_type_hints(LossArguments)
     shared = [

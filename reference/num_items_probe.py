@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from reference.causal_lm_loss import IGNORE_INDEX, count_target_tokens
+from reference.model_probing import evaluating, loss_of
 
 COUNT = "num_items_in_batch"
 
@@ -294,18 +295,15 @@ def _loss_ratio(model: nn.Module, batch_size: int, seq_len: int, seed: int) -> t
     labels[0, -1] = IGNORE_INDEX
     count = count_target_tokens(labels)
 
-    modes = [module.training for module in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
-            losses = [_loss(model, input_ids, labels, count * factor) for factor in (1, 2)]
+        with evaluating(model), torch.no_grad():
+            losses = [
+                loss_of(model(input_ids=input_ids, labels=labels, **{COUNT: count * factor})) for factor in (1, 2)
+            ]
     except TypeError as error:
         if COUNT not in str(error):
             raise
         return None, f"forward rejects {COUNT} ({error})"
-    finally:
-        for module, training in zip(model.modules(), modes):
-            module.training = training
 
     if any(loss is None for loss in losses):
         return None, "forward returned no loss"
@@ -313,12 +311,3 @@ def _loss_ratio(model: nn.Module, batch_size: int, seq_len: int, seed: int) -> t
     if not (math.isfinite(first) and math.isfinite(second)) or second == 0.0:
         return None, f"loss not finite and non-zero: loss(n) = {first:.6g}, loss(2n) = {second:.6g}"
     return first / second, ""
-
-
-def _loss(model: nn.Module, input_ids, labels, count):
-    outputs = model(input_ids=input_ids, labels=labels, **{COUNT: count})
-    if isinstance(outputs, dict):
-        return outputs.get("loss")
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0] if outputs and isinstance(outputs[0], torch.Tensor) and outputs[0].dim() == 0 else None
-    return getattr(outputs, "loss", None)

@@ -26,14 +26,13 @@ def on_the_suites_device():
         yield
 
 
-# The peers' test grids (tests/peer_grids.py): a subset by default, whole under
-# `-m peer_grids_full`; `--peer-grid-ratios` prints their worst error / tolerance per grid.
+# The peers' test grids (tests/peer_grids.py): `--peer-grid-ratios` prints their worst
+# error / tolerance per grid and path.
 def pytest_addoption(parser):
     parser.addoption("--peer-grid-ratios", action="store_true",
                      help="print the worst error / tolerance of each peer grid and path (tests/peer_grids.py)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
 def pytest_collection_modifyitems(config, items):
     import peer_grids
 

@@ -13,8 +13,9 @@ project lacks is a skip that names it.
 
 Every case records the worst ratio of its errors to the tolerance they are held to (<= 1
 passes): ``python -m pytest tests/test_peer_grids_*.py --peer-grid-ratios`` prints the worst
-ratio per grid and path, and ``-m peer_grids_full`` runs the whole grids instead of the
-default subset (tests/conftest.py does both).
+ratio per grid and path (tests/conftest.py). Cases outside the default subset carry the
+suite's ``full`` mark; ``-m peer_grids`` runs the grids whole, ``-m full`` only what the
+subset leaves out.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from reference.linear_cross_entropy import LossArguments, prepare_inputs, reduce
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 BACKENDS = ("triton", "reference")
-FULL_ONLY = pytest.mark.peer_grids_full
+FULL_ONLY = pytest.mark.full
 
 
 def cases(names: str, *axes: Sequence, default: Callable[..., bool], skip: str | None = None) -> list:
     """The product of ``axes`` as ``pytest.param``s for ``parametrize(names, ...)``.
 
     An axis is a list of values, or of ``together(...)`` groups that fill several names at
-    once (the peers group a dtype with its tolerances). Cases for which ``default(*values)`` is false run only
-    under ``-m peer_grids_full``; ``skip`` (a missing feature) skips every case.
+    once (the peers group a dtype with its tolerances). Cases for which ``default(*values)``
+    is false carry the ``full`` mark (left out by default); ``skip`` (a missing feature)
+    skips every case.
     """
     params = []
     for combo in itertools.product(*axes):
@@ -226,26 +228,13 @@ def hold(request: pytest.FixtureRequest, kind: str = "peer", peer_literal: float
 
 
 def collection_hook(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Label every peer-grid case with its grid and path, and keep the cases outside the
-    default subset only when ``-m`` names ``peer_grids_full`` (then every case carries that
-    mark, so that ``-m peer_grids_full`` selects the whole grids)."""
-    full = "peer_grids_full" in (config.option.markexpr or "")
-    kept, dropped = [], []
+    """Label every peer-grid case with its grid and path, for ``summary``."""
     for item in items:
         if item.get_closest_marker("peer_grids") is not None:
             backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
-            item.user_properties.append(("peer_grid", f"{item.module.__name__.removeprefix('test_peer_grids_')}::"
-                                                       f"{item.originalname.removeprefix('test_')}"))
+            grid = f"{item.module.__name__.removeprefix('test_peer_grids_')}::{item.originalname.removeprefix('test_')}"
+            item.user_properties.append(("peer_grid", grid))
             item.user_properties.append(("peer_grid_path", f"{backend or '-'}@{DEVICE}"))
-            if full:
-                item.add_marker(FULL_ONLY)
-            elif item.get_closest_marker("peer_grids_full") is not None:
-                dropped.append(item)
-                continue
-        kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
 
 
 def summary(terminalreporter) -> None:

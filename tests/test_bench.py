@@ -481,3 +481,23 @@ def test_precision_variants_run_the_default_plan_with_their_option():
             entry.fn(problem.hidden, problem.weight, problem.labels),
             methods.eager_loss(problem.hidden, problem.weight, problem.labels), rtol=1e-5, atol=1e-5,
         )
+
+
+def test_autocast_runs_every_method_and_the_bound_under_autocast(tmp_path):
+    # Mixed precision as Trainer's bf16=True runs it: float32 inputs, bfloat16 products. The
+    # records say so, and the fused op's loss equals eager's under the same autocast.
+    out = tmp_path / "results"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--parts", "shapes", "--shapes", "40x16x100", "--data", "peaked",
+         "--dtype", "float32", "--autocast", "bfloat16", "--methods", "torch_eager,fused", "--budgets", "default",
+         "--out", str(out)],
+        check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    (path,) = out.glob("shapes_*.json")
+    doc = json.loads(path.read_text())
+    assert "--autocast bfloat16" in doc["provenance"]
+    records = {r["method"]: r for r in doc["records"]}
+    eager, fused_default = records["torch_eager"], records["fused@default"]
+    assert eager["status"] == fused_default["status"] == "ok", (eager, fused_default)
+    assert fused_default["loss"] == pytest.approx(eager["loss"], rel=1e-5)

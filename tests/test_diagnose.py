@@ -249,7 +249,7 @@ def paligemma():
 
 def _prompt_and_answer(model):
     """A prompt of 6 tokens (labels -100) and an answer of 6, from the model's ordinary tokens."""
-    from fused.patch_probe import probe_inputs
+    from fused.hf.probe import probe_inputs
 
     ids = probe_inputs(model, torch.Generator().manual_seed(0), 2, 12)["input_ids"]
     return {"input_ids": ids, "labels": ids.masked_fill(torch.arange(12) < 6, -100)}

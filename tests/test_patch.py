@@ -31,7 +31,7 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from fused.patch import patch_model, patch_report, unpatch_model
+from fused.hf.patch import patch_model, patch_report, unpatch_model
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -160,10 +160,10 @@ def test_patch_model_is_idempotent_and_leaves_the_rng_alone():
 
 
 def test_memory_budget_reaches_the_kernel(monkeypatch):
-    import fused.patch
+    import fused.hf.forward
 
     budgets = []
-    kernel = fused.patch.linear_cross_entropy
+    kernel = fused.hf.forward.linear_cross_entropy
 
     def spy(*args, **kwargs):
         budgets.append(kwargs["memory_budget"])
@@ -171,7 +171,7 @@ def test_memory_budget_reaches_the_kernel(monkeypatch):
 
     model = llama()
     report = patch_model(model, memory_budget=3 << 20)
-    monkeypatch.setattr(fused.patch, "linear_cross_entropy", spy)
+    monkeypatch.setattr(fused.hf.forward, "linear_cross_entropy", spy)
     loss_and_grads(model, **batch())
     assert patch_model(model, memory_budget=5 << 20) is report  # still idempotent: the budget moves
     loss_and_grads(model, **batch())
@@ -567,3 +567,55 @@ def test_lora_trains_the_same_patched_and_unpatched():
         torch.testing.assert_close(patched_state[name], value, rtol=RTOL, atol=ATOL, msg=name)
     trained = patched.base_model.model.lm_head.lora_B["default"].weight
     assert not torch.allclose(trained, initial)  # the adapter on the head did train
+
+
+# ---- fallbacks run the body once ------------------------------------------------------------
+
+
+class WeightedLlama(LlamaForCausalLM):
+    """An older head (``nn.CrossEntropyLoss`` on the labels as given) that weighs classes once
+    ``class_weight`` is set: a call the patch cannot serve, found only at the loss. Counts its
+    backbone runs."""
+
+    class_weight = None
+    backbone_runs = 0
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        type(self).backbone_runs += 1
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = nn.CrossEntropyLoss(weight=self.class_weight)(logits.view(-1, logits.size(-1)), labels.view(-1))
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_a_call_found_unservable_at_the_loss_gets_the_stock_loss_without_a_second_body_run():
+    model = build(WeightedLlama, LlamaConfig, attention_dropout=0.3)  # dropout: a rerun would draw anew
+    inputs = batch()
+    model.class_weight = torch.linspace(0.5, 2.0, VOCAB)
+    stock = loss_and_grads(model, **inputs)
+    model.class_weight = None
+    report = patch_model(model)
+    model.class_weight = torch.linspace(0.5, 2.0, VOCAB)
+    WeightedLlama.backbone_runs = 0
+    with pytest.warns(RuntimeWarning, match="class weights.*the stock loss ran on the head's captured input instead"):
+        patched = loss_and_grads(model, **inputs)
+    assert WeightedLlama.backbone_runs == 1
+    assert_same_training(stock, patched)  # the same dropout masks: the body ran once
+    assert (report.calls.fused, report.calls.fallback) == (0, 1)
+    assert "the stock loss ran on the head's captured input instead" in report.calls.last_fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reason
+        loss_and_grads(model, **inputs)
+    assert report.calls.fallback == 2 and WeightedLlama.backbone_runs == 2
+
+
+def test_a_call_found_unservable_before_the_forward_runs_the_stock_forward_once():
+    model = build(WeightedLlama, LlamaConfig)
+    report = patch_model(model)
+    model.config.rms_norm_eps = 1e-3  # a float of the config: the transform may have changed
+    WeightedLlama.backbone_runs = 0
+    with pytest.warns(RuntimeWarning, match="the unpatched forward ran instead"):
+        output = loss_and_grads(model, **batch())[0]
+    assert WeightedLlama.backbone_runs == 1 and output.logits is not None
+    assert (report.calls.fused, report.calls.fallback) == (0, 1)

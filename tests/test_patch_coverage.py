@@ -1,6 +1,6 @@
 """A representative subset of the coverage harness (``python -m harness.architectures`` runs
 all of them): each architecture built tiny, patched, and compared with its stock forward
-in float32 (loss and every parameter's gradient within fused.patch_probe.TOLERANCE, with
+in float32 (loss and every parameter's gradient within fused.hf.probe.TOLERANCE, with
 no count, an int and a tensor count; labels=None logits bit-identical)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused.patch_probe import TOLERANCE
+from fused.hf.probe import TOLERANCE
 from harness.architectures import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, Result, architectures, check_architecture, write_tables
 
 # model_type, mapping, a fragment the report's transforms must contain ("" for none)

@@ -1,4 +1,4 @@
-"""fused.patch_transform: the head-to-loss transform identified from probe logits alone."""
+"""fused.hf.transform: the head-to-loss transform identified from probe logits alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GraniteConfig
 
-from fused.patch_transform import LogitTransform, UnsupportedTransform, fit_transform, numeric_constants, probe_logits
+from fused.hf.transform import LogitTransform, UnsupportedTransform, fit_transform, numeric_constants, probe_logits
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(args.model, _overrides(args.set))
     batch = text_batch(tokenizer, args.text) if args.text else None
     if args.patch:
-        from fused.patch import patch_model
+        from fused.hf.patch import patch_model
 
         print(patch_model(model))
     diagnosis = diagnose(model, batch, pretrained=args.pretrained)

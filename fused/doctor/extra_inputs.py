@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fused.doctor.findings import Finding, Status
 from fused.doctor.subject import Subject
-from fused.patch_probe import loss_of, relative_error
+from fused.hf.probe import loss_of, relative_error
 from reference.causal_lm_loss import IGNORE_INDEX
 
 CHECK = "extra_inputs"

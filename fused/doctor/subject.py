@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.patch import _transformers_model, patch_report
-from fused.patch_probe import loss_of, probe_inputs, probing
+from fused.hf.patch import _transformers_model, patch_report
+from fused.hf.probe import loss_of, probe_inputs, probing
 
 RANDOM_BATCH, RANDOM_LENGTH = 2, 16
 # Two runs of the model on inputs that should give the same loss (one document at a time

@@ -5,8 +5,8 @@ Two measurements on a tiny random batch, with every module in eval mode (no drop
 under a forked RNG, without touching any parameter, buffer or ``.grad``:
 
 1. ``observe_wiring``: one stock forward with chosen logits ``x`` in place of the head's
-   output (``fused.patch_capture``). It tells whether the forward goes head -> loss once,
-   which transform turns ``x`` into the logits the loss sees (``fused.patch_transform``),
+   output (``fused.hf.capture``). It tells whether the forward goes head -> loss once,
+   which transform turns ``x`` into the logits the loss sees (``fused.hf.transform``),
    whether that transform depends on a trainable tensor (then it cannot be a constant of
    the kernel), and whether a ``num_items_in_batch`` given to the forward reaches the loss.
 2. ``verify``: stock forward + backward against the patched one, with and without
@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fused.patch_capture import LOSS_FUNCTION, CaptureError, HeadLossCapture, LossCall
-from fused.patch_transform import LogitTransform, fit_transform, numeric_constants, probe_logits
+from fused.hf.capture import LOSS_FUNCTION, CaptureError, LossCall, Seams, plain
+from fused.hf.config import config_leaves
+from fused.hf.transform import LogitTransform, fit_transform, numeric_constants, probe_logits
+from reference.model_probing import evaluating, loss_of
 
 PROBE_BATCH, PROBE_LENGTH = 2, 8
 # A count no probe batch has, so seeing it in the loss call means the forward passed it on.
@@ -48,7 +50,7 @@ class ProbeRefusal(ValueError):
 
 @dataclass(frozen=True)
 class Wiring:
-    """What ``observe_wiring`` measured: which loss the forward calls (``fused.patch_capture``'s
+    """What ``observe_wiring`` measured: which loss the forward calls (``fused.hf.capture``'s
     ``LOSS_FUNCTION`` or ``CROSS_ENTROPY``), the transform between head and loss, the head's
     output width, and whether ``num_items_in_batch`` given to the forward reaches the loss."""
 
@@ -120,33 +122,22 @@ def gradient_errors(actual: list[Tensor | None], expected: list[Tensor | None]) 
 
 @contextmanager
 def probing(model: nn.Module) -> Iterator[None]:
-    """Eval mode for every module and a forked RNG, both restored on exit."""
-    modes = [(module, module.training) for module in model.modules()]
+    """Eval mode for every module (``reference.model_probing.evaluating``) and a forked RNG,
+    both restored on exit."""
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.eval()
-        try:
-            yield
-        finally:
-            for module, training in modes:
-                module.training = training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), evaluating(model):
+        yield
 
 
 def _reserved_token_ids(config) -> set[int]:
     """Ids the config names (``*_token_id``, ``*_token_index``, ...): random text avoids them,
     since an image token without an image is an error in multimodal models."""
     reserved: set[int] = set()
-
-    def walk(value, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif key.endswith(("_id", "_ids", "_index", "_idx")):
+    for path, value in config_leaves(config):
+        if path.endswith(("_id", "_ids", "_index", "_idx")):
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(item, int) and not isinstance(item, bool):
                     reserved.add(item)
-
-    walk(config.to_dict() if hasattr(config, "to_dict") else {}, "")
     return reserved
 
 
@@ -174,13 +165,6 @@ def probe_labels(input_ids: Tensor, vocab: int, generator: torch.Generator) -> T
     return labels.to(input_ids.device)
 
 
-def loss_of(output: Any) -> Tensor | None:
-    """The loss of a model output: ``output.loss``, or ``output[0]`` of a tuple."""
-    if isinstance(output, (tuple, list)):
-        return output[0] if output and isinstance(output[0], Tensor) else None
-    return output.get("loss") if hasattr(output, "get") else getattr(output, "loss", None)
-
-
 def _count_value(count: Any) -> float | None:
     if isinstance(count, Tensor) and count.numel() == 1:
         return float(count)
@@ -188,10 +172,11 @@ def _count_value(count: Any) -> float | None:
 
 
 def observe_wiring(
-    model: nn.Module, head: nn.Module, forward: Callable, inputs: dict[str, Any], generator: torch.Generator
+    model: nn.Module, seams: Seams, forward: Callable, inputs: dict[str, Any], generator: torch.Generator
 ) -> Wiring:
-    """Probe 1 (see the module docstring). ``forward`` is the stock forward; ``inputs`` holds
-    the model inputs and ``labels``. Raises ``ProbeRefusal`` naming what does not fit."""
+    """Probe 1 (see the module docstring). ``seams``: installed on ``model``; ``forward`` is the
+    stock forward; ``inputs`` holds the model inputs and ``labels``. Raises ``ProbeRefusal``
+    naming what does not fit."""
     seen: dict[str, Any] = {}
 
     def head_output(hidden: Tensor, vocab: int) -> Tensor:
@@ -205,8 +190,7 @@ def observe_wiring(
 
     def run(extra: dict[str, Any]) -> None:
         seen.clear()
-        capture = HeadLossCapture(model, head, head_output, record_loss)
-        with capture:
+        with seams.capturing(head_output, record_loss) as capture:
             forward(**inputs, **extra)
         capture.check_complete()
 
@@ -227,7 +211,7 @@ def observe_wiring(
         ) from error
 
     call, x = seen["call"], seen["x"]
-    y = call.logits
+    y = plain(call.logits)
     if not isinstance(y, Tensor):
         raise ProbeRefusal(f"the loss received logits of type {type(y).__name__}")
     if y.requires_grad:

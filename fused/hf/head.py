@@ -24,9 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-HEAD_KINDS = ("plain", "tied", "lora", "modules_to_save")
-
-
 class UnsupportedHead(ValueError):
     """The head is not a linear map this module can express as ``F.linear`` operands."""
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fused.hf.config import config_leaves
+
 # |x| spans 10**LOG10_MIN .. 10**LOG10_MAX: small enough that tanh(s x / c) is linear to
 # fp32 precision, large enough to saturate any softcap c <= s * 1e5.
 LOG10_MIN, LOG10_MAX = -4.0, 6.0
@@ -87,16 +89,10 @@ def numeric_constants(config) -> dict[str, float]:
     candidates: those that mention logits, caps, scales or multipliers come first.
     """
     found: dict[str, float] = {}
-
-    def walk(value, path: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{path}.{key}")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+    for path, value in config_leaves(config):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             found.setdefault(path, float(value))
             found.setdefault(f"1/{path}", 1.0 / float(value))
-
-    walk(config.to_dict() if hasattr(config, "to_dict") else {}, "config")
     hints = ("logit", "softcap", "scal", "multiplier")
     return dict(sorted(found.items(), key=lambda item: not any(h in item[0].lower() for h in hints)))
 

@@ -1,0 +1,82 @@
+"""The patched loss on a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 keeps each parameter as a ``Shard(0)`` DTensor and gathers a module's parameters only
+around that module's forward: its forward pre-hook all-gathers them (unshard) and registers
+the reduce-scatter of their gradients to run once the gradient reaches the module's inputs;
+its forward hook frees the gathered copy (with ``reshard_after_forward``) and registers a
+re-gather for backward on the outputs. The head's weight therefore exists in full only
+inside some forward:
+
+- head in the model's own parameter group (``fully_shard(model)`` without a separate
+  ``fully_shard(model.lm_head)``): it is gathered for the whole of the model's forward, where
+  the patched loss runs, and nothing more is needed;
+- head sharded on its own (``fully_shard(model.lm_head)``): gathered only while the head
+  runs, and the model calls it (with no rows, ``fused.hf.capture``) before the loss is
+  known. The loss is then computed as a second forward of the head, inside FSDP2's own
+  pre- and post-forward hooks of that module (``run_in_fsdp_forward``): the same gather,
+  free and gradient reduce-scatter FSDP2 does for any call of it, no full copy kept.
+
+Outside a forward, ``patch_model``'s probe runs the model through ``nn.Module.__call__``
+(``through_module_call``) so that the root's hooks gather what the forward needs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+_MISSING = object()
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` (without importing FSDP: a module
+    cannot be one unless FSDP2 is loaded)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+def fsdp_gathers_head(model: nn.Module, head: nn.Module) -> bool:
+    """Whether FSDP2 gathers the head's parameters around a forward this patch runs in: the
+    head is sharded on its own, or in the model's group (the model is sharded)."""
+    return is_fsdp_module(head) or is_fsdp_module(model)
+
+
+def head_layout(model: nn.Module, head: nn.Module) -> str:
+    """How the patched loss finds the head's weight, for the patch report."""
+    if is_fsdp_module(head):
+        return "FSDP2, head sharded on its own: gathered by its own forward hooks for the loss"
+    if is_fsdp_module(model):
+        return "FSDP2, head in the model's parameter group: gathered for the model's forward"
+    return "whole on this process (one process, or data parallel)"
+
+
+def run_in_fsdp_forward(module: nn.Module, compute: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
+    """``compute(hidden)`` run as a forward of the FSDP2 module ``module``, inside its
+    pre-forward (gather the parameters; ``hidden`` comes back wrapped so that its gradient
+    triggers the parameters' gradient reduce-scatter) and post-forward (free the gathered
+    parameters if ``reshard_after_forward``; the output re-gathers them for backward). Only
+    FSDP2's hooks of the module run, not the other hooks on it (the patch's own capture)."""
+    state = module._get_fsdp_state()
+    args, _ = state._pre_forward(module, (hidden,), {})
+    output = compute(args[0])
+    return state._post_forward(module, args, output)
+
+
+def through_module_call(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` called through ``module.__call__``, so that the module's hooks (FSDP2's
+    gather and free) run around it; ``module.forward`` is restored after each call."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        previous = vars(module).get("forward", _MISSING)
+        module.forward = forward
+        try:
+            return module(*args, **kwargs)
+        finally:
+            if previous is _MISSING:
+                del module.forward
+            else:
+                module.forward = previous
+
+    return call

@@ -1,0 +1,117 @@
+"""TRL's ``fused_lm_head=True`` calls served by the project's kernel.
+
+TRL's SFT, DPO and GRPO trainers install ``trl.trainer.utils.add_fused_lm_head`` (a forward
+that, called with ``fused_lm_head=True``, runs the backbone and returns per-token statistics
+of the next-token distribution instead of logits) and call the model that way. A model
+patched after that (after the trainer is built) wraps TRL's forward; a ``fused_lm_head=True``
+training call is then answered here, with what TRL's head returns:
+
+- ``log_probs``: minus the fused kernel's ``reduction='none'`` loss, TRL's temperature folded
+  into the probed logit transform (``reference.per_token_outputs.per_token_transform``);
+- ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``: the kernel does not compute
+  them yet; ``token_statistics`` (one function, the seam for kernel statistics later) takes
+  them from ``reference.per_token_outputs``, rows in checkpointed chunks;
+- ``loss`` (``-sum(log_probs) / num_items_in_batch``, or the count of valid labels) and
+  ``label_mask`` as TRL computes them.
+
+TRL's settings (temperature, requested outputs, backbone attribute) are read from its forward
+once; a call this module cannot serve exactly (the head cast to float32, MoE router logits
+asked for, a TRL whose forward it does not recognise) returns None and runs TRL's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from fused.hf.head import fold_head
+from fused.hf.transform import LogitTransform
+from fused.api import linear_cross_entropy
+from reference.per_token_outputs import per_token_outputs, per_token_transform
+
+TRL_MODULE = ("trl", "trainer", "utils.py")  # where add_fused_lm_head defines its forward
+_SETTINGS = ("temperature", "outputs", "cast_lm_head_to_fp32", "backbone_attr", "text_config")
+
+
+@dataclass(frozen=True)
+class TrlHead:
+    """What ``add_fused_lm_head`` was told: ``temperature``, the per-token ``outputs`` to return,
+    the backbone attribute it runs, and whether the head runs in float32."""
+
+    temperature: float
+    outputs: tuple[str, ...]
+    cast_lm_head_to_fp32: bool
+    backbone_attr: str
+    text_config: Any
+
+
+def trl_head(forward: Any) -> TrlHead | None:
+    """The settings of TRL's fused-head forward ``forward`` (a bound method), or None when it is
+    not one this module recognises."""
+    function = getattr(forward, "__func__", None)
+    code = getattr(function, "__code__", None)  # functools.wraps gave it the model's name and module
+    if code is None or code.co_name != "_fused_forward" or Path(code.co_filename).parts[-3:] != TRL_MODULE:
+        return None
+    cells = dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__ or ())))
+    if not all(name in cells for name in _SETTINGS):
+        return None
+    return TrlHead(*(cells[name] for name in _SETTINGS))
+
+
+def token_statistics(
+    rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, head: TrlHead, transform: LogitTransform
+) -> dict[str, Tensor]:
+    """The per-token outputs of the valid ``rows (n, D)`` against ``targets (n,)``: ``log_probs``
+    from the fused kernel, the others TRL asked for from the reference (kernel statistics
+    would replace that part here)."""
+    logit_scale = transform.logit_scale if transform.logit_scale is not None else 1.0
+    scale, cap = per_token_transform(head.temperature, transform.softcap, logit_scale)
+    loss = linear_cross_entropy(rows, weight, targets, bias=bias, reduction="none", logit_scale=scale, softcap=cap)
+    found = {"log_probs": -loss}
+    others = tuple(name for name in head.outputs if name != "log_probs")
+    if others:
+        statistics = per_token_outputs(
+            rows, weight, targets, bias, temperature=head.temperature, softcap=transform.softcap,
+            logit_scale=logit_scale, outputs=others,
+        )
+        found |= {name: getattr(statistics, name) for name in others}
+    return found
+
+
+def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tuple, kwargs: dict) -> Any | None:
+    """TRL's ``FusedCausalLMOutput`` for one ``fused_lm_head=True`` call, or None when the call
+    cannot be served exactly (see the module docstring); nothing has run then."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    kwargs = dict(kwargs)
+    kwargs.pop("fused_lm_head")
+    labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    if head.cast_lm_head_to_fp32 or getattr(head.text_config, "output_router_logits", False):
+        return None
+    if kwargs.get("output_router_logits") or (labels is None and shift_labels is None):
+        return None
+    kwargs["use_cache"] = False
+    hidden = getattr(model, head.backbone_attr)(*args, **kwargs).last_hidden_state
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    operands = fold_head(model.get_output_embeddings(), hidden)
+    weight, bias = operands.weight, operands.bias
+    if transform.vocab is not None:
+        weight, bias = weight[: transform.vocab], None if bias is None else bias[: transform.vocab]
+    targets = targets.to(weight.device)
+    mask = targets != -100
+    rows = operands.hidden.to(weight.device)[mask]
+    found = token_statistics(rows, weight, bias, targets[mask], head, transform)
+    # masked_scatter keeps an all-masked micro-batch connected to the graph, as TRL does.
+    per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in found.items()}
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -per_token["log_probs"].sum() / count
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, **per_token)
+
+

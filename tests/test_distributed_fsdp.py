@@ -1,0 +1,141 @@
+"""A patched tiny Llama sharded by FSDP2 (``fully_shard`` on each layer, optionally on
+``lm_head`` alone, then on the model) on 2 gloo processes: ``patch_model`` applied before and
+after ``fully_shard``, ``reshard_after_forward`` True and False. Each rank trains on a batch of
+its own; the loss and every full gradient (``grad.full_tensor()``, after FSDP2's
+reduce-scatter) equal the unpatched FSDP2 model's, and the fused loss really ran (the
+report's counter), with no fallback warning.
+
+In the same process group, a head parallelised over the vocabulary (``ColwiseParallel``) is
+refused with its reason: the stock loss cannot run on it, so nothing verifies a patch.
+
+Two more layouts run FSDP2's mixed precision (bfloat16 parameters, float32 gradient
+reduction), where the stock model and the fused loss round their bfloat16 logits and logit
+gradients in different places.
+
+Tolerances: float32, those of tests/test_patch.py (rtol 1e-4, atol 1e-6). Mixed precision:
+the same loss (both compute float32 statistics of the same bfloat16 logits), gradients within
+one bfloat16 epsilon (2**-7) of each gradient's largest entry (measured: 3.5e-3).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from rank_processes import device, rank, run_ranks
+from test_distributed_ddp import rank_batch, tiny_llama
+
+RTOL, ATOL = 1e-4, 1e-6
+BF16_EPS = 2**-7
+# name: (patch_model before or after fully_shard, lm_head sharded on its own, reshard_after_forward,
+# mixed precision)
+LAYOUTS = {
+    f"{order}, {'own lm_head unit' if own_head else 'lm_head in the root group'}, reshard_after_forward={reshard}": (
+        order, own_head, reshard, False,
+    )
+    for order, own_head, reshard in itertools.product(("before", "after"), (False, True), (True, False))
+}
+LAYOUTS["before, lm_head in the root group, bf16 mixed precision"] = ("before", False, True, True)
+LAYOUTS["after, own lm_head unit, bf16 mixed precision"] = ("after", True, True, True)
+
+
+def _shard(model, mesh, own_head: bool, reshard: bool, mixed: bool):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+    options = dict(mesh=mesh, reshard_after_forward=reshard, **({"mp_policy": policy} if mixed else {}))
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    if own_head:
+        fully_shard(model.lm_head, **options)
+    return fully_shard(model, **options)
+
+
+def _step(model, batch) -> tuple:
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the stock loss fails the run
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach().cpu(), {n: p.grad.full_tensor().cpu() for n, p in model.named_parameters()}
+
+
+def _fsdp_runs(layouts: dict) -> dict:
+    import fused
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dev = device()
+    mesh = init_device_mesh(dev.type, (torch.distributed.get_world_size(),))
+    batch = {k: v.to(dev) for k, v in rank_batch(rank()).items()}
+    base = tiny_llama().to(dev)
+    out = {}
+    for reshard, mixed in ((True, False), (False, False), (True, True)):
+        out[("stock", reshard, mixed)] = _step(_shard(copy.deepcopy(base), mesh, False, reshard, mixed), batch)
+    for name, (order, own_head, reshard, mixed) in layouts.items():
+        model = copy.deepcopy(base)
+        if order == "before":
+            report = fused.patch_model(model)
+            _shard(model, mesh, own_head, reshard, mixed)
+        else:
+            report = fused.patch_model(_shard(model, mesh, own_head, reshard, mixed))
+        assert report.patched, f"{name}: {report.reason}"
+        out[name] = (*_step(model, batch), fused.patch_report(model).calls.fused, fused.patch_report(model).layout)
+    return out
+
+
+def _tensor_parallel_refusal() -> str:
+    """``patch_model``'s reason for a head parallelised with ``ColwiseParallel``."""
+    import fused
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh(device().type, (torch.distributed.get_world_size(),))
+    plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    report = fused.patch_model(parallelize_module(tiny_llama().to(device()), mesh, plan))
+    assert not report.patched
+    return report.reason
+
+
+def _all_runs(layouts: dict) -> dict:
+    # One process group for both: spawning costs seconds on a 2-core machine.
+    return {"fsdp": _fsdp_runs(layouts), "tensor parallel refusal": _tensor_parallel_refusal()}
+
+
+@pytest.fixture(scope="module")
+def all_results():
+    return run_ranks(_all_runs, 2, LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(all_results):
+    return [out["fsdp"] for out in all_results]
+
+
+def test_a_tensor_parallel_head_is_refused_with_its_reason(all_results):
+    for out in all_results:
+        assert out["tensor parallel refusal"].startswith(
+            "the head's parameter weight is a DTensor placed (Shard(dim=0),) (tensor parallelism): the stock loss "
+            "does not run on such a head"
+        ), out["tensor parallel refusal"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_patched_fsdp2_model_has_the_stock_gradients(fsdp_results, name):
+    _, _, reshard, mixed = LAYOUTS[name]
+    for r, out in enumerate(fsdp_results):
+        stock_loss, stock_grads = out[("stock", reshard, mixed)]
+        loss, grads, fused_calls, layout = out[name]
+        assert fused_calls == 1, f"rank {r}: the fused loss did not run"
+        own_head = LAYOUTS[name][1]
+        assert layout.startswith("FSDP2, head sharded on its own" if own_head else "FSDP2, head in the model's"), layout
+        torch.testing.assert_close(loss, stock_loss, rtol=RTOL, atol=ATOL, msg=f"rank {r}")
+        assert grads.keys() == stock_grads.keys()
+        for param, grad in stock_grads.items():
+            rtol, atol = (0.0, BF16_EPS * grad.abs().max().item()) if mixed else (RTOL, ATOL)
+            torch.testing.assert_close(grads[param], grad, rtol=rtol, atol=atol, msg=f"rank {r}: {param}")
+    assert fsdp_results[0][name][0] != fsdp_results[1][name][0]  # the ranks trained on different batches
