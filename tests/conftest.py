@@ -24,3 +24,23 @@ def on_the_suites_device():
     (compiled kernels), else on the CPU (the interpreter)."""
     with torch.device(DEVICE):
         yield
+
+
+# The peers' test grids (tests/peer_grids.py): `--peer-grid-ratios` prints their worst
+# error / tolerance per grid and path.
+def pytest_addoption(parser):
+    parser.addoption("--peer-grid-ratios", action="store_true",
+                     help="print the worst error / tolerance of each peer grid and path (tests/peer_grids.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import peer_grids
+
+    peer_grids.collection_hook(config, items)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("--peer-grid-ratios"):
+        import peer_grids
+
+        peer_grids.summary(terminalreporter)
