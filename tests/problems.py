@@ -8,6 +8,18 @@ import torch
 
 IGNORE = -100
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Each loss option alone, a reduction other than the mean, a count, and all transforms at once.
+LOSS_OPTIONS = {
+    "plain": {},
+    "softcap": {"softcap": 4.0},
+    "logit_scale": {"logit_scale": 0.6},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 0.05},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "count_int": {"num_items_in_batch": 7},
+    "all": {"softcap": 3.0, "logit_scale": 1.7, "label_smoothing": 0.1, "z_loss": 0.01},
+}
 
 
 def make_problem(

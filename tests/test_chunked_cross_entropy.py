@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from problems import IGNORE, make_problem
+from problems import IGNORE, LOSS_OPTIONS, make_problem
 from reference.chunked_cross_entropy import chunked_linear_cross_entropy
 from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, transform_logits
 from reference.peak_memory import peak_memory_bytes
@@ -33,17 +33,7 @@ from loss_tolerances import forward_atols
 
 EPS32 = torch.finfo(torch.float32).eps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-OPTIONS = {
-    "plain": {},
-    "softcap": {"softcap": 4.0},
-    "logit_scale": {"logit_scale": 0.6},
-    "label_smoothing": {"label_smoothing": 0.2},
-    "z_loss": {"z_loss": 0.05},
-    "sum": {"reduction": "sum"},
-    "none": {"reduction": "none"},
-    "count_int": {"num_items_in_batch": 7},
-    "all": {"softcap": 3.0, "logit_scale": 1.7, "label_smoothing": 0.1, "z_loss": 0.01},
-}
+OPTIONS = LOSS_OPTIONS
 
 
 def loss_and_grads(fn, hidden, weight, bias, labels, upstream=None, lse_upstream=None, **kwargs):

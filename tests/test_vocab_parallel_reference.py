@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loss_tolerances import forward_atols
+from problems import IGNORE, LOSS_OPTIONS
 from reference.chunked_cross_entropy import _logit_grad_
 from reference.linear_cross_entropy import LossOptions, linear_cross_entropy, transform_logits
 from reference.vocab_parallel import (
@@ -24,19 +25,7 @@ from reference.vocab_parallel import (
     vocab_parallel_linear_cross_entropy,
 )
 
-IGNORE = -100
-OPTIONS = {
-    "plain": {},
-    "softcap": {"softcap": 4.0},
-    "logit_scale": {"logit_scale": 0.6},
-    "label_smoothing": {"label_smoothing": 0.2},
-    "z_loss": {"z_loss": 0.05},
-    "sum": {"reduction": "sum"},
-    "none": {"reduction": "none"},
-    "count": {"num_items_in_batch": 7},
-    "shift": {"shift": True},
-    "all": {"softcap": 3.0, "logit_scale": 1.7, "label_smoothing": 0.1, "z_loss": 0.01},
-}
+OPTIONS = {**LOSS_OPTIONS, "shift": {"shift": True}}
 # Shard sizes of a vocabulary of 13: torch's Shard(0) over 2, 3 and 5 ranks (ceil(13 / R)
 # rows each, the last ranks short or empty) and a layout with an empty shard in the middle.
 SHARDINGS = {"2": [7, 6], "3": [5, 5, 3], "5": [3, 3, 3, 3, 1], "empty": [6, 0, 7]}
