@@ -110,6 +110,7 @@ def _time_method(method: Method, problem: Problem, truth: Truth | None, bound_ms
         "vs_bound": None if bound_ms is None else round(t.ms / bound_ms, 3),
         "peak_mib": _mib(t.peak_bytes),
         "extra_mib": None if t.peak_bytes is None else _mib(t.peak_bytes - grads),
+        "first_call_ms": None if t.first_ms is None else round(t.first_ms, 1),
         "loss": float(t.last),
     }
     if truth is not None:

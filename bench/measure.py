@@ -2,7 +2,9 @@
 
 A workload is two callables: ``clear()`` drops what the previous run left (gradients) and is
 not timed; ``run()`` is the timed work (a forward+backward, a training step, the three
-matmuls of the bound). ``measure`` warms up, then times ``reps`` runs and takes the median.
+matmuls of the bound). ``measure`` warms up, then times ``reps`` runs and takes the median. The first warm-up run
+is timed on its own (wall clock, the device waited for): what a first call costs, including
+compilation and the kernel's plan measurements.
 
 Peak memory is the most the CUDA caching allocator held during the timed runs above what
 was allocated just before them, after ``clear()``: the inputs and anything the caller keeps
@@ -24,11 +26,13 @@ import torch
 @dataclass(frozen=True)
 class Timing:
     """Median time of one run in milliseconds, peak bytes above the starting allocations
-    (``None`` off CUDA), and what the last timed ``run()`` returned."""
+    (``None`` off CUDA), what the last timed ``run()`` returned, and the first warm-up run's
+    milliseconds (``None`` without warm-up)."""
 
     ms: float
     peak_bytes: int | None
     last: Any
+    first_ms: float | None = None
 
 
 def measure(
@@ -46,9 +50,18 @@ def measure(
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     cuda = device.type == "cuda"
-    for _ in range(warmup):
+    first_ms = None
+    for i in range(warmup):
         clear()
+        if i == 0:
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
         run()
+        if i == 0:
+            if cuda:
+                torch.cuda.synchronize(device)
+            first_ms = (time.perf_counter() - t0) * 1e3
     clear()
     if cuda:
         torch.cuda.synchronize(device)
@@ -71,4 +84,4 @@ def measure(
             last = run()
             times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
-    return Timing(ms=median(times), peak_bytes=peak, last=last)
+    return Timing(ms=median(times), peak_bytes=peak, last=last, first_ms=first_ms)

@@ -17,15 +17,17 @@ moment.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple, Optional, get_type_hints
+from typing import Callable, NamedTuple, Optional, get_type_hints
 
 import torch
 from torch import Tensor
 
 from fused.kernels.upstream_scale import scale_unless_one
-from fused.plan import PlanSizes, TilePlan, tile_plan
+from fused.measured_plan import measured_plan, measuring, problem_kind
+from fused.plan import PlanSizes, TilePlan, budget_bytes, tile_plan
 from fused.problem import TileProblem, tile_problem
 from fused.tiles import TileDtypes, run_tiles
 from reference.linear_cross_entropy import LossOptions, reduce_losses
@@ -120,7 +122,9 @@ def _gradients_fake(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-def _plan(problem: TileProblem, inputs: LossInputs) -> TilePlan:
+def _plan(problem: TileProblem, inputs: LossInputs, dtypes: TileDtypes, pass_name: str, run: Callable[[TilePlan], object]) -> TilePlan:
+    """The tile plan for this pass: as the knobs set it, else the fastest that fits the budget,
+    measured on a GPU (``fused.measured_plan``, ``run(plan)`` runs the pass with ``plan``)."""
     (n, hidden_dim), vocab = problem.hidden.shape, problem.weight.shape[0]
     itemsize = problem.hidden.element_size()
     sizes = PlanSizes(
@@ -129,9 +133,27 @@ def _plan(problem: TileProblem, inputs: LossInputs) -> TilePlan:
         logits_itemsize=None if inputs.logits_dtype is None else inputs.logits_dtype.itemsize,
         weight_accumulator=_accumulates_weight(problem, inputs),
     )
+    if inputs.chunk_size is None and inputs.vocab_chunk_size is None and measuring(problem.hidden.device):
+        kind = problem_kind(sizes, problem.hidden.device, (problem.hidden.dtype, *dataclasses.astuple(dtypes)), pass_name)
+        return measured_plan(sizes, budget_bytes(sizes, inputs.memory_budget), kind, run)
     return tile_plan(
         sizes, chunk_size=inputs.chunk_size, vocab_chunk_size=inputs.vocab_chunk_size, memory_budget=inputs.memory_budget
     )
+
+
+def _pass_name(inputs: LossInputs, *, backward: bool, lse_grad: bool = False) -> str:
+    """What a pass computes, as far as it changes which plan is fastest: forward or
+    backward, the gradients, the options that add work to the row kernels."""
+    options = inputs.options()
+    parts = [
+        "backward" if backward else "forward",
+        "grads=" + "".join(name[0] for name, wanted in zip(_GRADIENTS, inputs.wanted()) if wanted),
+    ]
+    parts += [name for name, on in (
+        ("lse_grad", lse_grad), ("smoothing", options.label_smoothing > 0), ("z_loss", options.z_loss > 0),
+        ("softcap", options.softcap is not None), ("scale", options.logit_scale is not None),
+    ) if on]
+    return ",".join(parts)
 
 
 def _accumulates_weight(problem: TileProblem, inputs: LossInputs) -> bool:
@@ -190,8 +212,10 @@ def _forward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = LossInputs(*args)
     problem, options = inputs.problem(), inputs.options()
     alpha = functools.partial(_forward_gradient_scale, problem, inputs)
-    plan, dtypes = _plan(problem, inputs), _tile_dtypes(problem, inputs)
-    out = run_tiles(problem, options, plan, dtypes, alpha=alpha, wanted=inputs.wanted())
+    dtypes = _tile_dtypes(problem, inputs)
+    run = functools.partial(run_tiles, problem, options, dtypes=dtypes, wanted=inputs.wanted())
+    plan = _plan(problem, inputs, dtypes, _pass_name(inputs, backward=False), lambda p: run(plan=p))
+    out = run(plan=plan, alpha=alpha)
     # Nothing computed from bad labels leaves the op: without gradients nothing has read them yet.
     problem.label_check.read()
     loss = reduce_losses(out.losses, problem.targets, options, inputs.count(), problem.batch_shape)
@@ -239,16 +263,14 @@ def _backward(*args) -> tuple[Tensor, Tensor, Tensor]:
         row_grad = loss_grad.reshape(n)
     else:
         row_grad = (loss_grad / _denominator(problem, inputs)).reshape(-1).expand(n)
-    out = run_tiles(
-        problem,
-        options,
-        _plan(problem, inputs),
-        _tile_dtypes(problem, inputs),
-        lse=lse.reshape(n).contiguous(),
-        loss_grad=row_grad,
+    dtypes = _tile_dtypes(problem, inputs)
+    run = functools.partial(
+        run_tiles, problem, options, dtypes=dtypes, lse=lse.reshape(n).contiguous(), loss_grad=row_grad,
         lse_grad=None if upstream.lse_grad is None else upstream.lse_grad.reshape(n).contiguous(),
         wanted=inputs.wanted(),
     )
+    pass_name = _pass_name(inputs, backward=True, lse_grad=upstream.lse_grad is not None)
+    out = run(plan=_plan(problem, inputs, dtypes, pass_name, lambda p: run(plan=p)))
     return _gradients_out(out, inputs)
 
 

@@ -4,8 +4,10 @@ logits holds, and the exact memory arithmetic behind it.
 One planner serves every path: ``tile_plan`` for the Triton tile loop (no knob, a
 ``memory_budget``, or explicit ``chunk_size`` / ``vocab_chunk_size``) and
 ``reference_chunk_rows`` for the chunked PyTorch path. What a plan costs in memory is a
-formula (``PlanSizes.plan_bytes``); which plan is fastest is a property of the device, and the
-constants below encode what was measured (``results/``), not a law.
+formula (``PlanSizes.plan_bytes``); which plan is fastest is a property of the device. On a
+GPU it is measured there (``fused.measured_plan`` times the ``candidate_plans`` that fit);
+the constants below choose without measuring (off CUDA, inside a CUDA graph capture, or with
+``FUSED_MEASURED_PLANS=0``), and encode what was measured on one GPU (``results/``), not a law.
 """
 
 from __future__ import annotations
@@ -180,6 +182,45 @@ def plan_for_budget(sizes: PlanSizes, budget_bytes: int) -> TilePlan:
     )
 
 
+def budget_bytes(sizes: PlanSizes, memory_budget: int | None) -> int:
+    """The bytes a plan may take: ``memory_budget``, or with none ``DEFAULT_MEMORY_BUDGET``
+    for the tile beyond ``sizes.fixed_bytes()``."""
+    return memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET + sizes.fixed_bytes()
+
+
+# The measured planner times tiles of at least this many rows (or all of them, if fewer):
+# below it each row chunk re-reads the whole weight, never the fastest way to spend memory.
+MIN_CANDIDATE_ROWS = 256
+
+
+def candidate_plans(sizes: PlanSizes, budget: int) -> list[TilePlan]:
+    """The plans worth timing within ``budget`` bytes: for each row count (every power of two
+    from ``MIN_CANDIDATE_ROWS`` below ``n_rows``, ``FEW_WHOLE_VOCABULARY_ROWS`` and the
+    row chunk of ``chunk_rows``) the widest tile that fits, of the whole vocabulary or of equal
+    blocks no narrower than ``MIN_BUDGET_COLS`` (a wider tile of the same rows does the same
+    work in fewer launches and fewer ``grad_hidden`` passes); and ``plan_for_budget``'s
+    choice. By rows; empty if nothing fits."""
+    n_rows, vocab = sizes.n_rows, sizes.vocab
+    row_counts = {chunk_rows(n_rows, MAX_CHUNK_ROWS)}
+    row_counts.update(r for r in (FEW_WHOLE_VOCABULARY_ROWS, *(1 << k for k in range(8, 15))) if MIN_CANDIDATE_ROWS <= r < n_rows)
+    widths = [vocab]
+    blocks = 2
+    while (cols := triton.cdiv(triton.cdiv(vocab, blocks), COLUMN_ALIGNMENT) * COLUMN_ALIGNMENT) >= MIN_BUDGET_COLS:
+        if cols < widths[-1]:
+            widths.append(cols)
+        blocks += 1
+    plans = []
+    for rows in sorted(row_counts):
+        fitting = (TilePlan(rows, cols) for cols in widths if sizes.plan_bytes(TilePlan(rows, cols)) <= budget)
+        if (plan := next(fitting, None)) is not None:
+            plans.append(plan)
+    try:
+        static = plan_for_budget(sizes, budget)
+    except ValueError:
+        return plans
+    return plans if static in plans else [*plans, static]
+
+
 def tile_plan(
     sizes: PlanSizes,
     *,
@@ -196,10 +237,8 @@ def tile_plan(
     ``chunk_size`` alone the tile spans the vocabulary while it fits in
     ``FULL_VOCABULARY_TILE_BYTES``, else equal blocks of about ``VOCABULARY_BLOCK`` columns.
     """
-    if memory_budget is not None:
-        return plan_for_budget(sizes, memory_budget)
     if chunk_size is None and vocab_chunk_size is None:
-        return plan_for_budget(sizes, DEFAULT_MEMORY_BUDGET + sizes.fixed_bytes())
+        return plan_for_budget(sizes, budget_bytes(sizes, memory_budget))
     vocab = sizes.vocab
     rows = min(sizes.n_rows, chunk_size or MAX_CHUNK_ROWS)
     if vocab_chunk_size is not None:
