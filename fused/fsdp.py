@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from fused.tensor_parallel import is_tensor_parallel_head, tensor_parallel_layout
+
 _MISSING = object()
 
 
@@ -49,6 +51,8 @@ def head_layout(model: nn.Module, head: nn.Module) -> str:
         return "FSDP2, head sharded on its own: gathered by its own forward hooks for the loss"
     if is_fsdp_module(model):
         return "FSDP2, head in the model's parameter group: gathered for the model's forward"
+    if is_tensor_parallel_head(head):
+        return tensor_parallel_layout(head)
     return "whole on this process (one process, or data parallel)"
 
 

@@ -5,9 +5,6 @@ its own; the loss and every full gradient (``grad.full_tensor()``, after FSDP2's
 reduce-scatter) equal the unpatched FSDP2 model's, and the fused loss really ran (the
 report's counter), with no fallback warning.
 
-In the same process group, a head parallelised over the vocabulary (``ColwiseParallel``) is
-refused with its reason: the stock loss cannot run on it, so nothing verifies a patch.
-
 Two more layouts run FSDP2's mixed precision (bfloat16 parameters, float32 gradient
 reduction), where the stock model and the fused loss round their bfloat16 logits and logit
 gradients in different places.
@@ -87,41 +84,9 @@ def _fsdp_runs(layouts: dict) -> dict:
     return out
 
 
-def _tensor_parallel_refusal() -> str:
-    """``patch_model``'s reason for a head parallelised with ``ColwiseParallel``."""
-    import fused
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    mesh = init_device_mesh(device().type, (torch.distributed.get_world_size(),))
-    plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
-    report = fused.patch_model(parallelize_module(tiny_llama().to(device()), mesh, plan))
-    assert not report.patched
-    return report.reason
-
-
-def _all_runs(layouts: dict) -> dict:
-    # One process group for both: spawning costs seconds on a 2-core machine.
-    return {"fsdp": _fsdp_runs(layouts), "tensor parallel refusal": _tensor_parallel_refusal()}
-
-
 @pytest.fixture(scope="module")
-def all_results():
-    return run_ranks(_all_runs, 2, LAYOUTS)
-
-
-@pytest.fixture(scope="module")
-def fsdp_results(all_results):
-    return [out["fsdp"] for out in all_results]
-
-
-def test_a_tensor_parallel_head_is_refused_with_its_reason(all_results):
-    for out in all_results:
-        assert out["tensor parallel refusal"].startswith(
-            "the head's parameter weight is a DTensor placed (Shard(dim=0),) (tensor parallelism): the stock loss "
-            "does not run on such a head"
-        ), out["tensor parallel refusal"]
+def fsdp_results():
+    return run_ranks(_fsdp_runs, 2, LAYOUTS)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
