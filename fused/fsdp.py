@@ -47,6 +47,11 @@ def fsdp_gathers_head(model: nn.Module, head: nn.Module) -> bool:
 
 def head_layout(model: nn.Module, head: nn.Module) -> str:
     """How the patched loss finds the head's weight, for the patch report."""
+    if is_fsdp_module(head) and _sharded_in_group(head):
+        return (
+            "FSDP2, head sharded in a group with other modules (fully_shard([norm, lm_head]), transformers' plan): "
+            "gathered for the loss, its gradient reduce-scattered with the group's"
+        )
     if is_fsdp_module(head):
         return "FSDP2, head sharded on its own: gathered by its own forward hooks for the loss"
     if is_fsdp_module(model):
@@ -56,6 +61,11 @@ def head_layout(model: nn.Module, head: nn.Module) -> str:
     return "whole on this process (one process, or data parallel)"
 
 
+def _sharded_in_group(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded by one ``fully_shard([...])`` call with other modules."""
+    return len(module._get_fsdp_state()._modules) > 1
+
+
 def run_in_fsdp_forward(module: nn.Module, compute: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
     """``compute(hidden)`` run as a forward of the FSDP2 module ``module``, inside its
     pre-forward (gather the parameters; ``hidden`` comes back wrapped so that its gradient
@@ -63,6 +73,18 @@ def run_in_fsdp_forward(module: nn.Module, compute: Callable[[Tensor], Tensor], 
     parameters if ``reshard_after_forward``; the output re-gathers them for backward). Only
     FSDP2's hooks of the module run, not the other hooks on it (the patch's own capture)."""
     state = module._get_fsdp_state()
+    if _sharded_in_group(module):
+        # Sharded in a group (``fully_shard([norm, lm_head])``, transformers' own plan): the
+        # group's gradient reduce-scatter already waits at the input of its first module, which
+        # the head's input comes from; a second one registered here would reduce-scatter and
+        # free the group's parameters before that module's backward has used them.
+        # A group already in its forward gathers its parameters without registering that again.
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        for group in state._fsdp_param_groups:
+            group._training_state = TrainingState.FORWARD
+            group.pre_forward(module, (hidden,), {})
+        return state._post_forward(module, (hidden,), compute(hidden))
     args, _ = state._pre_forward(module, (hidden,), {})
     output = compute(args[0])
     return state._post_forward(module, args, output)
