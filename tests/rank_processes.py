@@ -11,7 +11,7 @@ or died. Every collective is bounded
 by the process group's ``timeout``, well below the deadline, so a rank stuck in a
 collective fails with torch's own timeout error rather than hanging the test run.
 
-Inside ``fn``: ``rank()``, ``world()``, ``device()`` and ``backend()``.
+Inside ``fn``: ``rank()``, ``world()``, ``device()``, ``backend()`` and ``set_launcher_environment()``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ def backend() -> str:
 
 def device() -> torch.device:
     return torch.device("cuda", rank()) if backend() == "nccl" else torch.device("cpu")
+
+
+def set_launcher_environment() -> None:
+    """Set the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``) in this rank's process, for libraries that read them (accelerate,
+    transformers' ``DistributedConfig``); the process group itself is up already."""
+    os.environ.update(RANK=str(rank()), WORLD_SIZE=str(world()), LOCAL_RANK=str(rank()), LOCAL_WORLD_SIZE=str(world()))
 
 
 def _to_bytes(value: Any) -> bytes:

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from rank_processes import device, rank, run_ranks, world
+from rank_processes import device, rank, run_ranks, set_launcher_environment, world
 from test_distributed_ddp import tiny_llama
 
 STEPS, ACCUMULATION = 3, 2
@@ -68,8 +68,7 @@ def _train(folder: str, patched: bool) -> dict:
 
 
 def _stock_and_patched(folder: str) -> dict:
-    # Accelerate's process state reads the launcher's variables; the group itself is up already.
-    os.environ.update(RANK=str(rank()), WORLD_SIZE=str(world()), LOCAL_RANK=str(rank()), LOCAL_WORLD_SIZE=str(world()))
+    set_launcher_environment()  # accelerate's process state reads them
     if rank() == 0:
         tiny_llama().save_pretrained(folder)
     dist.barrier()
