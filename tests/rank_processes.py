@@ -71,9 +71,12 @@ def _to_bytes(value: Any) -> bytes:
 
 def _worker(fn: Callable, rank_: int, world_size: int, backend_: str, init_file: str, results, args: tuple) -> None:
     if backend_ == "gloo":
-        # Libraries that choose the device themselves (transformers' DistributedConfig,
-        # accelerate) must choose the CPU too when there are fewer GPUs than ranks.
+        # A CPU rank, also where there are fewer GPUs than ranks: libraries that choose the
+        # device themselves (transformers' DistributedConfig, accelerate) must choose the CPU,
+        # and Triton kernels run in the interpreter as tests/conftest.py has them without CUDA
+        # (read when fused is first imported, inside fn).
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # the ranks share the CPU's cores; more threads only contend
     if backend_ == "nccl":
         torch.cuda.set_device(rank_)
