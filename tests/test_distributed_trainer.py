@@ -4,10 +4,10 @@ The FSDP2 configuration is transformers' own: ``from_pretrained(..., distributed
 DistributedConfig(fsdp_size=2))`` applies ``fully_shard`` at load time (each layer, the
 embeddings, ``[norm, lm_head]`` as one group with ``reshard_after_forward=False``, then the
 model), and Trainer then trains the sharded model as it is: no DDP on top, gradient
-accumulation through FSDP2's ``set_requires_gradient_sync``. (Trainer's other FSDP
+accumulation through FSDP2's ``set_requires_gradient_sync``. Trainer's other FSDP
 configuration, ``fsdp_config={"fsdp_version": 2}``, goes through accelerate, which enables
-FSDP only on accelerator devices: on CPU processes the same arguments train under DDP, see
-the README.)
+FSDP only on accelerator devices: on CPU processes the same arguments give DDP (the README
+says where; the last test pins it, so that it fails once accelerate shards on CPU).
 
 3 optimizer steps of 2 accumulated micro-batches of 2 rows per rank, SGD. Against the stock
 run: every training call fused (6 of 6, no fallback), the logged losses within rtol 1e-5
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -67,16 +68,37 @@ def _train(folder: str, patched: bool) -> dict:
     }
 
 
+def _accelerate_fsdp_on_cpu(folder: str) -> tuple[bool, str]:
+    """What Trainer's accelerate FSDP2 configuration becomes on CPU processes: whether FSDP is
+    enabled, and how accelerate distributes the model."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=os.path.join(folder, f"accelerate-{rank()}"), use_cpu=True, fsdp=True,
+        fsdp_config={"fsdp_version": 2}, report_to=[], save_strategy="no",
+    )
+    trainer = Trainer(model=tiny_llama(), args=args)
+    return trainer.is_fsdp_enabled, str(trainer.accelerator.state.distributed_type)
+
+
 def _stock_and_patched(folder: str) -> dict:
     set_launcher_environment()  # accelerate's process state reads them
     if rank() == 0:
         tiny_llama().save_pretrained(folder)
     dist.barrier()
-    return {"stock": _train(folder, False), "patched": _train(folder, True)}
+    out = {"stock": _train(folder, False), "patched": _train(folder, True)}
+    if device().type == "cpu":
+        out["accelerate fsdp on cpu"] = _accelerate_fsdp_on_cpu(folder)
+    return out
 
 
-def test_patched_trainer_under_fsdp2_logs_the_stock_losses(tmp_path):
-    per_rank = run_ranks(_stock_and_patched, 2, str(tmp_path))
+@pytest.fixture(scope="module")
+def per_rank(tmp_path_factory) -> list[dict]:
+    """Every rank's results, one process group for the module."""
+    return run_ranks(_stock_and_patched, 2, str(tmp_path_factory.mktemp("trainer")))
+
+
+def test_patched_trainer_under_fsdp2_logs_the_stock_losses(per_rank):
     for run in ("stock", "patched"):
         counts = [[c for c, _ in out[run]["calls"]] for out in per_rank]
         for r, out in enumerate(per_rank):
@@ -95,3 +117,13 @@ def test_patched_trainer_under_fsdp2_logs_the_stock_losses(tmp_path):
             torch.testing.assert_close(
                 out["patched"]["weights"][name], weight, rtol=0, atol=WEIGHT_ATOL, msg=f"rank {r}: {name}"
             )
+
+
+def test_accelerate_keeps_its_fsdp_configuration_off_cpu_processes(per_rank):
+    """The README's account of accelerate 1.16: with ``use_cpu=True`` Trainer's
+    ``fsdp_config={"fsdp_version": 2}`` yields DDP on CPU processes (``DistributedType.MULTI_CPU``),
+    FSDP off. When this fails, accelerate shards on CPU: test that configuration above too."""
+    if any("accelerate fsdp on cpu" not in out for out in per_rank):
+        pytest.skip("the ranks ran on GPUs")
+    for r, out in enumerate(per_rank):
+        assert out["accelerate fsdp on cpu"] == (False, "DistributedType.MULTI_CPU"), f"rank {r}"
