@@ -35,10 +35,8 @@ BF16_EPS = 2**-7
 UNIT_NAMES = {"root": "lm_head in the root group", "own": "own lm_head unit", "with norm": "lm_head grouped with the norm"}
 LAYOUTS = {
     f"{order}, {UNIT_NAMES[unit]}, reshard_after_forward={reshard}": (order, unit, reshard, False)
-    for order, unit, reshard in itertools.product(("before", "after"), ("root", "own"), (True, False))
+    for order, unit, reshard in itertools.product(("before", "after"), ("root", "own", "with norm"), (True, False))
 }
-for order in ("before", "after"):
-    LAYOUTS[f"{order}, {UNIT_NAMES['with norm']}, reshard_after_forward=False"] = (order, "with norm", False, False)
 LAYOUTS["before, lm_head in the root group, bf16 mixed precision"] = ("before", "root", True, True)
 LAYOUTS["after, own lm_head unit, bf16 mixed precision"] = ("after", "own", True, True)
 LAYOUT_LINES = {
