@@ -29,11 +29,13 @@ training call, so ``torch.compile(model, fullgraph=True)`` traces a patched trai
 in one graph.
 
 Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are patched too:
-the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``). A head sharded over
-the vocabulary by tensor parallelism (``ColwiseParallel``) gets the vocabulary-parallel loss,
-verified against the unsharded model's computation (``fused.tensor_parallel``); every process
-of its mesh calls ``patch_model``, as it calls ``parallelize_module``. The report's
+the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
 ``layout`` says which way.
+
+A head sharded over the vocabulary by tensor parallelism (``ColwiseParallel``) gets the
+vocabulary-parallel loss, verified against the unsharded model's computation
+(``fused.tensor_parallel``); every process of its mesh calls ``patch_model``, as it calls
+``parallelize_module``.
 
 Outputs of fused calls carry ``logits=None`` (a ``return_dict=False`` tuple keeps ``None``
 at the logits position, so positions match the stock tuple). The loss follows the call the
@@ -57,8 +59,9 @@ from fused.hf.forward import STATE, PatchedForward, PatchState, count_call, fing
 from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
-from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, through_module_call
+from fused.fsdp import head_layout, is_fsdp_module, through_module_call
 from fused.tensor_parallel import is_tensor_parallel_head, unsharded_head_forward
+from fused.fsdp import fsdp_gathers_head
 from reference.input_checks import check_size
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
