@@ -2,12 +2,15 @@
 ``torchrun --nproc_per_node 2 -m demo.vocab_parallel``.
 
 Every rank holds the same tokens and one ``Shard(0)`` slice of the head's weight, as a
-DTensor on a CPU device mesh (gloo); ``fused.linear_cross_entropy`` combines the shards'
-statistics with two small all-reduces. Rank 0 prints what each rank held and sent, and how
+DTensor on a device mesh: CPU processes joined by gloo, or one GPU each by NCCL where every
+rank has its own GPU; ``fused.linear_cross_entropy`` combines the shards' statistics with
+two small all-reduces. Rank 0 prints what each rank held and sent, and how
 far the loss and gradients lie from the single-process contract's.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -21,13 +24,18 @@ TOKENS, HIDDEN, VOCAB = 12, 8, 11
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    world = int(os.environ["WORLD_SIZE"])
+    on_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpus else torch.device("cpu")
+    if on_gpus:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpus else "gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh(device.type, (world,))
     generator = torch.Generator().manual_seed(0)  # the same tokens and weight on every rank
-    hidden = torch.randn(TOKENS, HIDDEN, generator=generator, requires_grad=True)
-    weight = torch.randn(VOCAB, HIDDEN, generator=generator)
-    labels = torch.randint(0, VOCAB, (TOKENS,), generator=generator)
+    hidden = torch.randn(TOKENS, HIDDEN, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator).to(device)
+    labels = torch.randint(0, VOCAB, (TOKENS,), generator=generator).to(device)
     labels[::4] = -100
     sharded = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
 

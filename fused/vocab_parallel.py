@@ -89,10 +89,10 @@ class VocabShard:
     vocab: int
 
 
-def _placement_error(weight, hidden, labels, bias) -> str | None:
-    """Why the tensors are not a vocabulary-parallel layout this op computes, or None. Read
-    from DTensor metadata, identical on every rank: every rank refuses alike, without a
-    collective."""
+def placement_error(weight, hidden, labels, bias) -> str | None:
+    """Why the tensors are not a vocabulary-parallel layout this op computes, or None
+    (``hidden`` and ``labels`` may be None: not checked). Read from DTensor metadata,
+    identical on every rank: every rank refuses alike, without a collective."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh, placements = weight.device_mesh, tuple(weight.placements)
@@ -308,7 +308,7 @@ def vocab_parallel_linear_cross_entropy(
 
     options = arguments.options()
     bias, shift, num_items_in_batch = arguments.bias, arguments.shift, arguments.num_items_in_batch
-    reason = _placement_error(weight, hidden, labels, bias)
+    reason = placement_error(weight, hidden, labels, bias)
     if reason is not None:
         raise ValueError(f"fused.linear_cross_entropy: {reason}")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

@@ -3,15 +3,16 @@ so as not to shadow the ``multiprocess`` package that ``datasets`` imports).
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes; each initialises
 ``torch.distributed`` (NCCL with one GPU per rank when there are enough GPUs, else gloo on
-CPU, so the same tests run unchanged on a multi-GPU machine), calls ``fn(*args)`` and sends
-back its result, or its traceback if it raised. The parent waits at most ``deadline``
-seconds (``FAILURE_GRACE`` once a rank has failed), kills what is still running (only the
-processes it started) and raises an ``AssertionError`` naming each rank that failed, hung
-or died. Every collective is bounded
-by the process group's ``timeout``, well below the deadline, so a rank stuck in a
-collective fails with torch's own timeout error rather than hanging the test run.
+CPU with the GPUs hidden, so the same tests run unchanged on a multi-GPU machine), calls
+``fn(*args)`` and sends back its result, or its traceback if it raised. The parent waits at
+most ``deadline`` seconds (``FAILURE_GRACE`` once a rank has failed), kills what is still
+running (only the processes it started) and raises an ``AssertionError`` naming each rank
+that failed, hung or died. Every collective is bounded by the process group's ``timeout``,
+well below the deadline, so a rank stuck in a collective fails with torch's own timeout
+error rather than hanging the test run.
 
-Inside ``fn``: ``rank()``, ``world()``, ``device()`` and ``backend()``.
+Inside ``fn``: ``rank()``, ``world()``, ``device()``, ``backend()`` and
+``set_launcher_environment()``.
 """
 
 from __future__ import annotations
@@ -55,15 +56,28 @@ def device() -> torch.device:
     return torch.device("cuda", rank()) if backend() == "nccl" else torch.device("cpu")
 
 
+def set_launcher_environment() -> None:
+    """Set the variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``) in this rank's process, for libraries that read them (accelerate,
+    transformers' ``DistributedConfig``); the process group itself is up already."""
+    os.environ.update(RANK=str(rank()), WORLD_SIZE=str(world()), LOCAL_RANK=str(rank()), LOCAL_WORLD_SIZE=str(world()))
+
+
 def _to_bytes(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
 
 
-def _worker(fn: Callable, rank_: int, world_size: int, init_file: str, results, args: tuple) -> None:
+def _worker(fn: Callable, rank_: int, world_size: int, backend_: str, init_file: str, results, args: tuple) -> None:
+    if backend_ == "gloo":
+        # A CPU rank, also where there are fewer GPUs than ranks: libraries that choose the
+        # device themselves (transformers' DistributedConfig, accelerate) must choose the CPU,
+        # and Triton kernels run in the interpreter as tests/conftest.py has them without CUDA
+        # (read when fused is first imported, inside fn).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # the ranks share the CPU's cores; more threads only contend
-    backend_ = backend_for(world_size)
     if backend_ == "nccl":
         torch.cuda.set_device(rank_)
     try:
@@ -83,11 +97,12 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, deadline: float = DEADL
     """``[fn(*args) on rank r for r in range(world_size)]``, each computed in its own process.
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function)."""
     context = mp.get_context("spawn")
+    backend_ = backend_for(world_size)
     results = context.Queue()
     with tempfile.TemporaryDirectory() as folder:
         init_file = os.path.join(folder, "init")
         processes = [
-            context.Process(target=_worker, args=(fn, r, world_size, init_file, results, args), daemon=True)
+            context.Process(target=_worker, args=(fn, r, world_size, backend_, init_file, results, args), daemon=True)
             for r in range(world_size)
         ]
         for process in processes:

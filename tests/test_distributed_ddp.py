@@ -18,21 +18,21 @@ RTOL, ATOL = 1e-4, 1e-6
 VOCAB = 64
 
 
-def tiny_llama():
+def tiny_llama(vocab: int = VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32,
     )
     return LlamaForCausalLM(config)
 
 
-def rank_batch(seed: int) -> dict:
+def rank_batch(seed: int, vocab: int = VOCAB) -> dict:
     """A batch of its own for each rank, with ignored labels."""
     generator = torch.Generator().manual_seed(100 + seed)
-    input_ids = torch.randint(0, VOCAB, (2, 7), generator=generator)
+    input_ids = torch.randint(0, vocab, (2, 7), generator=generator)
     labels = input_ids.clone()
     labels[0, :2] = -100
     return {"input_ids": input_ids, "labels": labels}

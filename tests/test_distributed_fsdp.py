@@ -1,12 +1,10 @@
 """A patched tiny Llama sharded by FSDP2 (``fully_shard`` on each layer, optionally on
-``lm_head`` alone, then on the model) on 2 gloo processes: ``patch_model`` applied before and
-after ``fully_shard``, ``reshard_after_forward`` True and False. Each rank trains on a batch of
+``lm_head`` alone or on ``[norm, lm_head]`` together as transformers' own FSDP plan does, then
+on the model) on 2 gloo processes: ``patch_model`` applied before and after ``fully_shard``,
+``reshard_after_forward`` True and False. Each rank trains on a batch of
 its own; the loss and every full gradient (``grad.full_tensor()``, after FSDP2's
 reduce-scatter) equal the unpatched FSDP2 model's, and the fused loss really ran (the
 report's counter), with no fallback warning.
-
-In the same process group, a head parallelised over the vocabulary (``ColwiseParallel``) is
-refused with its reason: the stock loss cannot run on it, so nothing verifies a patch.
 
 Two more layouts run FSDP2's mixed precision (bfloat16 parameters, float32 gradient
 reduction), where the stock model and the fused loss round their bfloat16 logits and logit
@@ -31,27 +29,34 @@ from test_distributed_ddp import rank_batch, tiny_llama
 
 RTOL, ATOL = 1e-4, 1e-6
 BF16_EPS = 2**-7
-# name: (patch_model before or after fully_shard, lm_head sharded on its own, reshard_after_forward,
-# mixed precision)
+# name: (patch_model before or after fully_shard, lm_head's unit, reshard_after_forward, mixed precision)
+# lm_head's unit: "root" (the model's parameter group), "own" (fully_shard(lm_head)) or "with norm"
+# (fully_shard([norm, lm_head]), what transformers' own FSDP plan does with reshard_after_forward=False)
+UNIT_NAMES = {"root": "lm_head in the root group", "own": "own lm_head unit", "with norm": "lm_head grouped with the norm"}
 LAYOUTS = {
-    f"{order}, {'own lm_head unit' if own_head else 'lm_head in the root group'}, reshard_after_forward={reshard}": (
-        order, own_head, reshard, False,
-    )
-    for order, own_head, reshard in itertools.product(("before", "after"), (False, True), (True, False))
+    f"{order}, {UNIT_NAMES[unit]}, reshard_after_forward={reshard}": (order, unit, reshard, False)
+    for order, unit, reshard in itertools.product(("before", "after"), ("root", "own", "with norm"), (True, False))
 }
-LAYOUTS["before, lm_head in the root group, bf16 mixed precision"] = ("before", False, True, True)
-LAYOUTS["after, own lm_head unit, bf16 mixed precision"] = ("after", True, True, True)
+LAYOUTS["before, lm_head in the root group, bf16 mixed precision"] = ("before", "root", True, True)
+LAYOUTS["after, own lm_head unit, bf16 mixed precision"] = ("after", "own", True, True)
+LAYOUT_LINES = {
+    "root": "FSDP2, head in the model's",
+    "own": "FSDP2, head sharded on its own",
+    "with norm": "FSDP2, head sharded in a group with other modules",
+}
 
 
-def _shard(model, mesh, own_head: bool, reshard: bool, mixed: bool):
+def _shard(model, mesh, unit: str, reshard: bool, mixed: bool):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
     options = dict(mesh=mesh, reshard_after_forward=reshard, **({"mp_policy": policy} if mixed else {}))
     for layer in model.model.layers:
         fully_shard(layer, **options)
-    if own_head:
+    if unit == "own":
         fully_shard(model.lm_head, **options)
+    if unit == "with norm":
+        fully_shard([model.model.norm, model.lm_head], **options)
     return fully_shard(model, **options)
 
 
@@ -74,54 +79,22 @@ def _fsdp_runs(layouts: dict) -> dict:
     base = tiny_llama().to(dev)
     out = {}
     for reshard, mixed in ((True, False), (False, False), (True, True)):
-        out[("stock", reshard, mixed)] = _step(_shard(copy.deepcopy(base), mesh, False, reshard, mixed), batch)
-    for name, (order, own_head, reshard, mixed) in layouts.items():
+        out[("stock", reshard, mixed)] = _step(_shard(copy.deepcopy(base), mesh, "root", reshard, mixed), batch)
+    for name, (order, unit, reshard, mixed) in layouts.items():
         model = copy.deepcopy(base)
         if order == "before":
             report = fused.patch_model(model)
-            _shard(model, mesh, own_head, reshard, mixed)
+            _shard(model, mesh, unit, reshard, mixed)
         else:
-            report = fused.patch_model(_shard(model, mesh, own_head, reshard, mixed))
+            report = fused.patch_model(_shard(model, mesh, unit, reshard, mixed))
         assert report.patched, f"{name}: {report.reason}"
         out[name] = (*_step(model, batch), fused.patch_report(model).calls.fused, fused.patch_report(model).layout)
     return out
 
 
-def _tensor_parallel_refusal() -> str:
-    """``patch_model``'s reason for a head parallelised with ``ColwiseParallel``."""
-    import fused
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    mesh = init_device_mesh(device().type, (torch.distributed.get_world_size(),))
-    plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
-    report = fused.patch_model(parallelize_module(tiny_llama().to(device()), mesh, plan))
-    assert not report.patched
-    return report.reason
-
-
-def _all_runs(layouts: dict) -> dict:
-    # One process group for both: spawning costs seconds on a 2-core machine.
-    return {"fsdp": _fsdp_runs(layouts), "tensor parallel refusal": _tensor_parallel_refusal()}
-
-
 @pytest.fixture(scope="module")
-def all_results():
-    return run_ranks(_all_runs, 2, LAYOUTS)
-
-
-@pytest.fixture(scope="module")
-def fsdp_results(all_results):
-    return [out["fsdp"] for out in all_results]
-
-
-def test_a_tensor_parallel_head_is_refused_with_its_reason(all_results):
-    for out in all_results:
-        assert out["tensor parallel refusal"].startswith(
-            "the head's parameter weight is a DTensor placed (Shard(dim=0),) (tensor parallelism): the stock loss "
-            "does not run on such a head"
-        ), out["tensor parallel refusal"]
+def fsdp_results():
+    return run_ranks(_fsdp_runs, 2, LAYOUTS)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -131,8 +104,7 @@ def test_patched_fsdp2_model_has_the_stock_gradients(fsdp_results, name):
         stock_loss, stock_grads = out[("stock", reshard, mixed)]
         loss, grads, fused_calls, layout = out[name]
         assert fused_calls == 1, f"rank {r}: the fused loss did not run"
-        own_head = LAYOUTS[name][1]
-        assert layout.startswith("FSDP2, head sharded on its own" if own_head else "FSDP2, head in the model's"), layout
+        assert layout.startswith(LAYOUT_LINES[LAYOUTS[name][1]]), layout
         torch.testing.assert_close(loss, stock_loss, rtol=RTOL, atol=ATOL, msg=f"rank {r}")
         assert grads.keys() == stock_grads.keys()
         for param, grad in stock_grads.items():

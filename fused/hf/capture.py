@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fused.vocab_parallel import is_dtensor
+
 _MISSING = object()
 
 
@@ -147,10 +149,11 @@ class Capture:
         empty = hidden.new_empty((0, hidden.shape[-1]))
         return ((empty,) + tuple(args[1:]), kwargs) if args else ((empty,), {})
 
-    def after_head(self, output: Tensor) -> Tensor:
+    def after_head(self, output: Tensor, vocab: int) -> Tensor:
+        """The head's replacement output, ``vocab`` wide (the whole vocabulary's logits)."""
         if not isinstance(output, Tensor):
             raise CaptureError(f"the head returned a {type(output).__name__}, not a tensor")
-        self.output = self._head_output(self.hidden, output.shape[-1])
+        self.output = self._head_output(self.hidden, vocab)
         if self._cross_entropy:
             self.output = self.output.as_subclass(HeadOutput)
             self.output.capture_ref = weakref.ref(self)
@@ -229,12 +232,16 @@ class Seams:
             raise CaptureError(f"setting loss_function did not take effect on {type(owner).__name__}")
 
     def attach(self, head: nn.Module) -> None:
+        # The model's own input must be what is recorded, and the replacement output what the
+        # model sees: the pre-hook runs first and the hook last, around hooks that convert the
+        # head's input and output (tensor parallelism's DTensor layouts), whenever those came.
         for handle in self._handles:
             handle.remove()
         self._handles = [
-            head.register_forward_pre_hook(self._before_head, with_kwargs=True),
+            head.register_forward_pre_hook(self._before_head, with_kwargs=True, prepend=True),
             head.register_forward_hook(self._after_head),
         ]
+        self._after_head_id = self._handles[1].id
         self.head = head
 
     @property
@@ -243,11 +250,20 @@ class Seams:
 
     def _before_head(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         capture = self.active
-        return None if capture is None else capture.before_head(args, kwargs)
+        if capture is None:
+            return None
+        hooks = module._forward_hooks
+        if next(reversed(hooks)) != self._after_head_id:  # a hook registered after the patch (parallelize_module's)
+            hooks.move_to_end(self._after_head_id)
+        return capture.before_head(args, kwargs)
 
     def _after_head(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         capture = self.active
-        return None if capture is None else capture.after_head(output)
+        if capture is None:
+            return None
+        # A tensor-parallel head may return its own columns only (Shard(-1), local output).
+        weight = getattr(module, "weight", None)
+        return capture.after_head(output, weight.shape[0] if is_dtensor(weight) else output.shape[-1])
 
     @contextmanager
     def capturing(

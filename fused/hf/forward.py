@@ -30,7 +30,7 @@ from fused.hf.trl import serve as serve_trl
 from fused.hf.trl import trl_head
 from fused.api import linear_cross_entropy
 from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, run_in_fsdp_forward
-from fused.vocab_parallel import is_dtensor
+from fused.tensor_parallel import is_tensor_parallel_head, tensor_parallel_refusal
 
 STATE = "_fused_patch"
 # Live patch states by serial number, for count_call (see there).
@@ -187,16 +187,13 @@ def _without_logits(output: Any, capture: Capture) -> Any:
 
 def sharded_head_parameter(model: nn.Module, head: nn.Module) -> str | None:
     """Why the head's weights cannot be read outside its forward (ZeRO-3, FSDP1), or None.
-    FSDP2 gathers them around the forward the loss runs in (``fused.fsdp``)."""
+    FSDP2 gathers them around the forward the loss runs in (``fused.fsdp``); a head sharded
+    over the vocabulary by tensor parallelism is served as it is (``fused.tensor_parallel``)."""
     if fsdp_gathers_head(model, head):
         return None
+    if is_tensor_parallel_head(head):
+        return tensor_parallel_refusal(head)
     for name, parameter in head.named_parameters():
-        if is_dtensor(parameter):
-            return (
-                f"the head's parameter {name} is a DTensor placed {tuple(parameter.placements)} (tensor parallelism): "
-                "the stock loss does not run on such a head, so there is nothing to verify a patch against; "
-                "fused.linear_cross_entropy(hidden, weight, labels) takes a Shard(0) weight directly"
-            )
         if parameter.numel() == 0 or hasattr(parameter, "ds_id"):
             return f"the head's parameter {name} is sharded (ZeRO-3 / FSDP)"
     return None

@@ -32,6 +32,11 @@ Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are p
 the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
 ``layout`` says which way.
 
+A head sharded over the vocabulary by tensor parallelism (``ColwiseParallel``) gets the
+vocabulary-parallel loss, verified against the unsharded model's computation
+(``fused.tensor_parallel``); every process of its mesh calls ``patch_model``, as it calls
+``parallelize_module``.
+
 Outputs of fused calls carry ``logits=None`` (a ``return_dict=False`` tuple keeps ``None``
 at the logits position, so positions match the stock tuple). The loss follows the call the
 model made: ``ForCausalLMLoss`` (shift by padding the labels, or ``shift_labels`` as given;
@@ -55,6 +60,8 @@ from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
 from fused.fsdp import head_layout, is_fsdp_module, through_module_call
+from fused.tensor_parallel import is_tensor_parallel_head, unsharded_head_forward
+from fused.fsdp import fsdp_gathers_head
 from reference.input_checks import check_size
 from reference.num_items_probe import trainer_accepts_loss_kwargs
 
@@ -165,7 +172,10 @@ def _probe(
             if is_fsdp_module(model):
                 patched = through_module_call(model, patched)
             count = torch.tensor(int((labels[..., 1:] != -100).sum()) + 3) if wiring.uses_num_items_in_batch else None
-            verification = verify(forward, patched, head, {**inputs, "labels": labels}, count)
+            # A head sharded over the vocabulary is held to the unsharded model's computation.
+            tensor_parallel = not fsdp_gathers_head(model, head) and is_tensor_parallel_head(head)
+            stock = unsharded_head_forward(head, forward) if tensor_parallel else forward
+            verification = verify(stock, patched, head, {**inputs, "labels": labels}, count)
         except Exception as error:  # refusing is always allowed; the reason says what happened
             if state is not None and state.report.calls.fallback:
                 reason = f"the patched path fell back on the probe ({state.report.calls.last_fallback})"

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from fused.hf.capture import LOSS_FUNCTION, CaptureError, LossCall, Seams, plain
 from fused.hf.config import config_leaves
 from fused.hf.transform import LogitTransform, fit_transform, numeric_constants, probe_logits
+from fused.vocab_parallel import is_dtensor
 from reference.model_probing import evaluating, loss_of
 
 PROBE_BATCH, PROBE_LENGTH = 2, 8
@@ -253,7 +254,10 @@ def _loss_and_grads(forward: Callable, head: nn.Module, inputs: dict[str, Any]) 
     targets = ([seen[0]] if seen[0].requires_grad else []) + [p for p in head.parameters() if p.requires_grad]
     if not targets or not loss.requires_grad:
         return loss.detach(), []
-    return loss.detach(), list(torch.autograd.grad(loss, targets, allow_unused=True))
+    grads = torch.autograd.grad(loss, targets, allow_unused=True)
+    # A head sharded over processes: its gradients compared in full, so that every process
+    # compares the same numbers and reaches the same verdict.
+    return loss.detach(), [g.full_tensor() if is_dtensor(g) else g for g in grads]
 
 
 def verify(
