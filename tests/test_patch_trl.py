@@ -1,14 +1,15 @@
 """A patched model under TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, which TRL's
 SFT, DPO and GRPO trainers install in their __init__ and call with ``fused_lm_head=True``).
 
-Patched after TRL's head is added (after the trainer is built), a ``fused_lm_head=True``
-training call is served by the patch (fused.hf.trl): the model body runs once, log_probs
-come from the project's kernel, the other outputs from reference.per_token_outputs. Compared
+Patched after TRL's head is added (after the trainer is built) or before (TRL's head then
+wraps the patch), a ``fused_lm_head=True`` training call is served by the patch (fused.hf.trl):
+the model body runs once, log_probs come from the project's kernel, the other outputs from
+reference.per_token_outputs. Compared
 with the same call on an unpatched copy (TRL's own head), float32 on CPU: the loss and each
 per-token output to rtol 1e-5 / atol 1e-6, is_top1 and label_mask exactly, the gradients of
 ``loss + mean(entropy)`` (TRL backpropagates both) for every parameter to rtol 1e-4 / atol 1e-6.
-SFTTrainer and DPOTrainer runs, patched after they are built, against the same runs unpatched:
-tolerances in each test.
+SFTTrainer, DPOTrainer and GRPOTrainer runs, patched before or after they are built, against
+the same runs unpatched: tolerances in each test.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from fused.hf import patch_model, patch_report
-from tests.test_patch import batch, build, llama
+from fused.hf import patch_model, patch_report, unpatch_model
+from tests.test_patch import batch, build, llama, lora_model
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 OUTPUTS = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs", "mean_logits")
@@ -64,15 +65,20 @@ def compare(patched, expected) -> None:
     ids=["llama", "tied-temperature", "gemma2-softcap-temperature"],
 )
 @pytest.mark.parametrize("count", [None, 9])
-def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count):
+@pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
+def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count, order):
     model = make()
     if isinstance(model, Gemma2ForCausalLM):
         with torch.no_grad():
             model.lm_head.weight.mul_(30)  # logits large enough for the softcap to bend them
-    trl_utils.add_fused_lm_head(model, temperature=temperature, outputs=OUTPUTS)
     unpatched = copy.deepcopy(model)
+    trl_utils.add_fused_lm_head(unpatched, temperature=temperature, outputs=OUTPUTS)
+    if order == "trl-then-patch":
+        trl_utils.add_fused_lm_head(model, temperature=temperature, outputs=OUTPUTS)
     report = patch_model(model)
     assert report.patched, report.reason
+    if order == "patch-then-trl":  # TRL's forward wraps the patch
+        trl_utils.add_fused_lm_head(model, temperature=temperature, outputs=OUTPUTS)
     runs = []
     model.model.register_forward_hook(lambda module, args, output: runs.append(1))
     inputs = batch() | ({} if count is None else {"num_items_in_batch": torch.tensor(count)})
@@ -85,14 +91,19 @@ def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, coun
     assert (calls.fused, calls.fallback) == (1, 0)
 
 
-def test_a_call_the_patch_cannot_serve_runs_trls_head_once():
+@pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
+def test_a_call_the_patch_cannot_serve_runs_trls_head_once(order):
     model = llama()
-    trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
     unpatched = copy.deepcopy(model)
+    trl_utils.add_fused_lm_head(unpatched, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    if order == "trl-then-patch":
+        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
     assert patch_model(model).patched
+    if order == "patch-then-trl":
+        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
     runs = []
     model.model.register_forward_hook(lambda module, args, output: runs.append(1))
-    with pytest.warns(RuntimeWarning, match="TRL fused_lm_head=True call this patch cannot serve"):
+    with pytest.warns(RuntimeWarning, match=r"TRL fused_lm_head=True call this patch cannot serve exactly \(TRL runs the head in float32"):
         patched = trl_call(model, **batch())
     compare(patched, trl_call(unpatched, **batch()))
     assert len(runs) == 1
@@ -100,6 +111,30 @@ def test_a_call_the_patch_cannot_serve_runs_trls_head_once():
     assert (calls.fused, calls.fallback) == (0, 1) and "TRL" in calls.last_fallback
     output = model(**batch())  # an ordinary training call still takes the fused path
     assert output.logits is None and calls.fused == 1
+
+
+@pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
+def test_a_peft_model_under_trls_head_is_served_by_the_patch(order):
+    """LoRA on q_proj only: TRL's own head reads ``lm_head.weight``, the base weight, so with an
+    adapter on the head it leaves the adapter out (measured: TRL's loss 4.1535, the model's own
+    and the patched 4.4321) and is no reference to compare with."""
+    model = lora_model(target_modules=["q_proj"])
+    unpatched = copy.deepcopy(model)
+    trl_utils.add_fused_lm_head(unpatched.get_base_model(), outputs=OUTPUTS)
+    if order == "trl-then-patch":
+        trl_utils.add_fused_lm_head(model.get_base_model(), outputs=OUTPUTS)
+    assert patch_model(model).patched
+    if order == "patch-then-trl":
+        trl_utils.add_fused_lm_head(model.get_base_model(), outputs=OUTPUTS)
+    compare(trl_call(model, **batch()), trl_call(unpatched, **batch()))
+    calls = patch_report(model).calls
+    assert (calls.fused, calls.fallback) == (1, 0)
+
+
+def test_unpatch_leaves_no_hook_behind():
+    model = llama()
+    assert patch_model(model).patched and len(model._forward_pre_hooks) == 1
+    assert unpatch_model(model) and not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
 
 
 def _tokenizer():
@@ -116,7 +151,7 @@ def _tokenizer():
     return tokenizer
 
 
-def _sft(tmp_path, patch: bool):
+def _sft(tmp_path, patch: str | None):
     from trl import SFTConfig, SFTTrainer
 
     from reference.gradient_accumulation import tiny_lm_dataset
@@ -127,20 +162,24 @@ def _sft(tmp_path, patch: bool):
         disable_tqdm=True, seed=0,
     )
     dataset = tiny_lm_dataset().remove_columns(["labels"])
-    trainer = SFTTrainer(model=llama(), args=args, train_dataset=dataset, processing_class=_tokenizer())
-    report = patch_model(trainer.model) if patch else None  # after the trainer is built: TRL's head is in place
+    model = llama()
+    report = patch_model(model) if patch == "before" else None  # TRL's head will wrap the patch
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=_tokenizer())
+    if patch == "after":  # the patch wraps TRL's head
+        report = patch_model(trainer.model)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return trainer.model, logged, report
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_sft_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
+@pytest.mark.parametrize("patch", ["before", "after"])
+def test_sft_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
     """SGD (Adam turns rounding noise in near-zero gradients into lr-sized steps). Measured:
     losses within 1e-5 relative, weights within 6e-6 after 3 steps; asserted: losses and
     logged entropy rtol 1e-4, weights atol 5e-5, token accuracy exactly."""
-    stock, stock_log, _ = _sft(tmp_path / "stock", patch=False)
-    patched, patched_log, report = _sft(tmp_path / "patched", patch=True)
+    stock, stock_log, _ = _sft(tmp_path / "stock", patch=None)
+    patched, patched_log, report = _sft(tmp_path / "patched", patch=patch)
     assert report.patched and (report.calls.fused, report.calls.fallback) == (6, 0)  # 3 steps x 2 micro-batches
     for ours, theirs in zip(patched_log, stock_log, strict=True):
         for key in ("loss", "entropy"):
@@ -164,7 +203,7 @@ def _preference_data():
     return Dataset.from_dict({key: [row[i] for row in rows] for i, key in enumerate(("prompt", "chosen", "rejected"))})
 
 
-def _dpo(tmp_path, patch: bool):
+def _dpo(tmp_path, patch: str | None):
     from tokenizers import pre_tokenizers
     from trl import DPOConfig, DPOTrainer
 
@@ -175,22 +214,26 @@ def _dpo(tmp_path, patch: bool):
         learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
         disable_tqdm=True, seed=0,
     )
+    model = llama()
+    report = patch_model(model) if patch == "before" else None
     trainer = DPOTrainer(
-        model=llama(), ref_model=llama(), args=args, train_dataset=_preference_data(), processing_class=tokenizer
+        model=model, ref_model=llama(), args=args, train_dataset=_preference_data(), processing_class=tokenizer
     )
-    report = patch_model(trainer.model) if patch else None
+    if patch == "after":
+        report = patch_model(trainer.model)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return trainer.model, logged, report
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_dpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
+@pytest.mark.parametrize("patch", ["before", "after"])
+def test_dpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
     """Measured: losses within 2e-6 and the logged log-probabilities within 1.1e-5 relative (after
     one step, whose weights differ by rounding), weights within 3e-6 after 2 SGD steps;
     asserted: loss, log-probabilities and entropy rtol 1e-4, weights atol 2e-5."""
-    stock, stock_log, _ = _dpo(tmp_path / "stock", patch=False)
-    patched, patched_log, report = _dpo(tmp_path / "patched", patch=True)
+    stock, stock_log, _ = _dpo(tmp_path / "stock", patch=None)
+    patched, patched_log, report = _dpo(tmp_path / "patched", patch=patch)
     assert report.patched and (report.calls.fused, report.calls.fallback) == (4, 0)  # 2 steps x 2 micro-batches
     for ours, theirs in zip(patched_log, stock_log, strict=True):
         for key in ("loss", "logps/chosen", "logps/rejected", "entropy"):
@@ -199,7 +242,7 @@ def test_dpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
 
 
-def _grpo(tmp_path, patch: bool):
+def _grpo(tmp_path, patch: str | None):
     from datasets import Dataset
     from tokenizers import pre_tokenizers
     from trl import GRPOConfig, GRPOTrainer
@@ -215,23 +258,27 @@ def _grpo(tmp_path, patch: bool):
         logging_steps=1, disable_tqdm=True, seed=0,
     )
     dataset = Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9 t10"] * 4})
-    trainer = GRPOTrainer(model=llama(), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
-    report = patch_model(trainer.model) if patch else None
+    model = llama()
+    report = patch_model(model) if patch == "before" else None
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if patch == "after":
+        report = patch_model(trainer.model)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return trainer.model, logged, report
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path):
+@pytest.mark.parametrize("patch", ["before", "after"])
+def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
     """A reward of the completion's length; generation runs the stock forward (eval calls),
     the policy's log-probabilities the patch. Measured: the same rewards, loss and entropy; the
     gradient norm of the one step that moves the weights 1.02544 against TRL's 1.02508 (3.4e-4
     relative, not explained yet: the same objective on a bare head agrees to float32 precision),
     weights within 2.3e-6 after 2 SGD steps (max_grad_norm 1 clips both). Asserted: rewards
     equal, loss and entropy rtol 1e-4, weights atol 2e-5."""
-    stock, stock_log, _ = _grpo(tmp_path / "stock", patch=False)
-    patched, patched_log, report = _grpo(tmp_path / "patched", patch=True)
+    stock, stock_log, _ = _grpo(tmp_path / "stock", patch=None)
+    patched, patched_log, report = _grpo(tmp_path / "patched", patch=patch)
     assert report.patched and (report.calls.fused, report.calls.fallback) == (2, 0)  # one training call a step
     for ours, theirs in zip(patched_log, stock_log, strict=True):
         assert ours["reward"] == theirs["reward"]

@@ -28,6 +28,11 @@ The seams (``fused.hf.capture``) stay installed while the model is patched, idle
 training call, so ``torch.compile(model, fullgraph=True)`` traces a patched training forward
 in one graph.
 
+TRL's fused LM head (``add_fused_lm_head``) composes with the patch in either order: its
+``fused_lm_head=True`` training calls are served by the kernel (``fused.hf.trl``), through
+the patched forward when TRL's forward sits inside it, through a forward pre-hook the patch
+registers (``trl_pre_hook``) when TRL's forward was added around it.
+
 Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are patched too:
 the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
 ``layout`` says which way.
@@ -50,7 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from fused.hf.capture import CaptureError, Seams, loss_function_owners, stock_causal_lm_loss
-from fused.hf.forward import STATE, PatchedForward, PatchState, count_call, fingerprint, fused_forward, sharded_head_parameter
+from fused.hf.forward import (
+    STATE, PatchedForward, PatchState, count_call, fingerprint, fused_forward, sharded_head_parameter, trl_pre_hook
+)
 from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
@@ -220,6 +227,7 @@ def patch_model(
     vars(target)[STATE] = state
     target.forward = PatchedForward(target)
     target.accepts_loss_kwargs = report.accepts_loss_kwargs
+    target.register_forward_pre_hook(trl_pre_hook, with_kwargs=True)  # TRL's head added after the patch
     return report
 
 
@@ -248,6 +256,9 @@ def unpatch_model(model: nn.Module) -> bool:
         )
     state = vars(target).pop(STATE)
     state.seams.remove()
+    for key in [key for key, hook in target._forward_pre_hooks.items() if hook is trl_pre_hook]:
+        del target._forward_pre_hooks[key]
+        target._forward_pre_hooks_with_kwargs.pop(key, None)
     if state.previous_forward is None:
         vars(target).pop("forward", None)
     else:

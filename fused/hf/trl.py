@@ -2,9 +2,17 @@
 
 TRL's SFT, DPO and GRPO trainers install ``trl.trainer.utils.add_fused_lm_head`` (a forward
 that, called with ``fused_lm_head=True``, runs the backbone and returns per-token statistics
-of the next-token distribution instead of logits) and call the model that way. A model
-patched after that (after the trainer is built) wraps TRL's forward; a ``fused_lm_head=True``
-training call is then answered here, with what TRL's head returns:
+of the next-token distribution instead of logits) and call the model that way. The patch and
+TRL's forward compose in either order:
+
+- patched after TRL's head is added (after the trainer is built), the patch wraps TRL's
+  forward and answers its ``fused_lm_head=True`` training calls itself;
+- patched before, TRL's forward wraps the patch (its ``original_forward``) and would compute
+  its own head. A forward pre-hook of the patched model (``fused.hf.forward.trl_pre_hook``)
+  finds TRL's forward around the patch (``outer_trl_head``) and turns the call into one TRL
+  hands through to the patch, with TRL's settings attached (``TRL_CALL``).
+
+Either way the answer is what TRL's head returns:
 
 - ``log_probs``: minus the fused kernel's ``reduction='none'`` loss, TRL's temperature folded
   into the probed logit transform (``reference.per_token_outputs.per_token_transform``);
@@ -14,17 +22,24 @@ training call is then answered here, with what TRL's head returns:
 - ``loss`` (``-sum(log_probs) / num_items_in_batch``, or the count of valid labels) and
   ``label_mask`` as TRL computes them.
 
-TRL's settings (temperature, requested outputs, backbone attribute) are read from its forward
-once; a call this module cannot serve exactly (the head cast to float32, MoE router logits
-asked for, a TRL whose forward it does not recognise) returns None and runs TRL's forward.
+TRL's settings (temperature, requested outputs, backbone attribute) are read from its forward;
+a call this module cannot serve exactly (``unservable``: the head cast to float32, MoE router
+logits asked for, a TRL whose forward it does not recognise) is left to TRL's own head.
+
+TRL older than 1.15 reads ``outputs.logits`` of its training calls (SFTTrainer's token
+accuracy and entropy), which the patch leaves None, and its ``loss_type='chunked_nll'``
+reads ``model.forward.__func__``: ``old_trl`` names an installed one, and ``patch_model``
+refuses while it is installed, instead of a crash in the first training step.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.version import Version
 from torch import Tensor, nn
 
 from fused.hf.head import fold_head
@@ -34,31 +49,74 @@ from reference.per_token_outputs import per_token_outputs, per_token_transform
 
 TRL_MODULE = ("trl", "trainer", "utils.py")  # where add_fused_lm_head defines its forward
 _SETTINGS = ("temperature", "outputs", "cast_lm_head_to_fp32", "backbone_attr", "text_config")
+FIRST_SERVED_TRL = Version("1.15")  # the first TRL whose trainers call fused_lm_head=True
+TRL_CALL = "_fused_trl_head"  # the keyword that carries an outer TRL forward's settings to the patch
 
 
 @dataclass(frozen=True)
 class TrlHead:
     """What ``add_fused_lm_head`` was told: ``temperature``, the per-token ``outputs`` to return,
-    the backbone attribute it runs, and whether the head runs in float32."""
+    the backbone attribute it runs, and whether the head runs in float32; ``inner_forward`` is
+    the forward it wraps (its ``original_forward``)."""
 
     temperature: float
     outputs: tuple[str, ...]
     cast_lm_head_to_fp32: bool
     backbone_attr: str
     text_config: Any
+    inner_forward: Any
 
 
 def trl_head(forward: Any) -> TrlHead | None:
-    """The settings of TRL's fused-head forward ``forward`` (a bound method), or None when it is
-    not one this module recognises."""
-    function = getattr(forward, "__func__", None)
+    """The settings of TRL's fused-head forward ``forward`` (a bound method or its function),
+    or None when it is not one this module recognises."""
+    function = getattr(forward, "__func__", forward)
     code = getattr(function, "__code__", None)  # functools.wraps gave it the model's name and module
     if code is None or code.co_name != "_fused_forward" or Path(code.co_filename).parts[-3:] != TRL_MODULE:
         return None
-    cells = dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__ or ())))
-    if not all(name in cells for name in _SETTINGS):
+    cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in function.__closure__ or ())))
+    if not all(name in cells for name in (*_SETTINGS, "original_forward")):
         return None
-    return TrlHead(*(cells[name] for name in _SETTINGS))
+    return TrlHead(*(cells[name] for name in _SETTINGS), inner_forward=cells["original_forward"])
+
+
+def outer_trl_head(forward: Any) -> TrlHead | None:
+    """The settings of the first TRL fused-head forward found in ``forward`` (a model's forward,
+    maybe wrapped again since: accelerate's autocast wrapper), or None. Wrappers are unwrapped
+    through ``__func__`` and ``__wrapped__`` (what ``MethodType`` and ``functools.wraps`` leave);
+    the search stops at anything else, such as the patch's own forward."""
+    for _ in range(16):  # a chain of wrappers, never a cycle
+        if forward is None:
+            return None
+        head = trl_head(forward)
+        if head is not None:
+            return head
+        forward = getattr(forward, "__func__", None) or getattr(forward, "__wrapped__", None)
+    return None
+
+
+def unservable(head: TrlHead | None, kwargs: dict) -> str | None:
+    """Why the ``fused_lm_head=True`` call with keywords ``kwargs`` to TRL's forward set up as
+    ``head`` cannot be served exactly by the patch, or None."""
+    if head is None:
+        return "TRL's forward is not one this patch recognises"
+    if head.cast_lm_head_to_fp32:
+        return "TRL runs the head in float32 (cast_lm_head_to_fp32)"
+    if getattr(head.text_config, "output_router_logits", False) or kwargs.get("output_router_logits"):
+        return "MoE router logits are asked for"
+    if kwargs.get("labels") is None and kwargs.get("shift_labels") is None:
+        return "the call has no labels"
+    return None
+
+
+def old_trl() -> str | None:
+    """The version of an installed TRL older than 1.15 (its trainers read ``outputs.logits``
+    of training calls with labels), or None."""
+    try:
+        version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return version if Version(version) < FIRST_SERVED_TRL else None
 
 
 def token_statistics(
@@ -81,19 +139,15 @@ def token_statistics(
     return found
 
 
-def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tuple, kwargs: dict) -> Any | None:
-    """TRL's ``FusedCausalLMOutput`` for one ``fused_lm_head=True`` call, or None when the call
-    cannot be served exactly (see the module docstring); nothing has run then."""
+def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tuple, kwargs: dict) -> Any:
+    """TRL's ``FusedCausalLMOutput`` for one ``fused_lm_head=True`` call that ``unservable``
+    passed."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs = dict(kwargs)
-    kwargs.pop("fused_lm_head")
+    kwargs.pop("fused_lm_head", None)  # absent when an outer TRL forward handed the call through
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    if head.cast_lm_head_to_fp32 or getattr(head.text_config, "output_router_logits", False):
-        return None
-    if kwargs.get("output_router_logits") or (labels is None and shift_labels is None):
-        return None
     kwargs["use_cache"] = False
     hidden = getattr(model, head.backbone_attr)(*args, **kwargs).last_hidden_state
     if shift_labels is None:
@@ -113,5 +167,3 @@ def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tupl
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -per_token["log_probs"].sum() / count
     return FusedCausalLMOutput(loss=loss, label_mask=mask, **per_token)
-
-
