@@ -287,3 +287,31 @@ def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
     assert patched_log[-1]["grad_norm"] > 0.1  # a step that moved the weights
     for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("installed", "patched"), [("1.14.2", False), ("0.29.1", False), ("1.15.0", True), (None, True)]
+)
+def test_an_installed_trl_older_than_1_15_is_refused_at_patch_time(monkeypatch, installed, patched):
+    """TRL < 1.15 reads ``outputs.logits`` of its training calls (1.14.2's SFTTrainer:
+    ``outputs.logits[..., :-1, :]``; 0.29.1: ``entropy_from_logits``) and ``forward.__func__``:
+    patching would crash its first training step, so patch_model refuses, the model untouched.
+    The installed version is faked where importlib.metadata reports it."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name != "trl":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    model = llama()
+    report = patch_model(model)
+    assert report.patched is patched
+    if not patched:
+        assert f"TRL {installed} is installed" in report.reason and "trl>=1.15" in report.reason
+        assert "forward" not in vars(model) and not model._forward_pre_hooks

@@ -61,6 +61,7 @@ from fused.hf.forward import (
 from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
+from fused.hf.trl import FIRST_SERVED_TRL, old_trl
 from fused.fsdp import head_layout, is_fsdp_module, through_module_call
 from reference.input_checks import check_size
 from reference.num_items_probe import trainer_accepts_loss_kwargs
@@ -94,6 +95,15 @@ def _examine(
     model: nn.Module, example_inputs: dict[str, Any] | None, seed: int
 ) -> tuple[PatchReport, PatchState | None]:
     """Probe ``model``: its report, with the state to install when it can be patched."""
+    old = old_trl()
+    if old is not None:
+        return _refuse(
+            model,
+            f"TRL {old} is installed: its trainers read outputs.logits of training calls with labels "
+            "(SFTTrainer's token accuracy and entropy) and its loss_type='chunked_nll' reads "
+            "model.forward.__func__, where a patched model gives logits=None and a forward object; "
+            f"TRL >= {FIRST_SERVED_TRL} is served by the patch (pip install 'trl>={FIRST_SERVED_TRL}')",
+        )
     for needed in ("config", "get_output_embeddings", "get_input_embeddings", "loss_function"):
         if not hasattr(model, needed):
             return _refuse(model, f"not a transformers model: it has no {needed}")
@@ -208,6 +218,9 @@ def patch_model(
     the global RNG, parameters, buffers, gradients and module modes are left as they were.
     ``memory_budget``: bytes of extra memory the loss may use beyond its gradients
     (``fused.linear_cross_entropy``'s knob; None keeps the kernel's default, 512 MiB).
+
+    Refused while a TRL older than 1.15 is installed: its trainers read the logits the patch
+    leaves out (``fused.hf.trl.old_trl``).
 
     Idempotent: a patched model returns its existing report; a ``memory_budget`` given then
     replaces the one in use. A refused model is untouched.
