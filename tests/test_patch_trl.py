@@ -242,7 +242,7 @@ def test_dpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
 
 
-def _grpo(tmp_path, patch: str | None):
+def _grpo(tmp_path, patch: str | None, bf16: bool):
     from datasets import Dataset
     from tokenizers import pre_tokenizers
     from trl import GRPOConfig, GRPOTrainer
@@ -255,7 +255,7 @@ def _grpo(tmp_path, patch: str | None):
     args = GRPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
         max_completion_length=4, learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no",
-        logging_steps=1, disable_tqdm=True, seed=0,
+        logging_steps=1, disable_tqdm=True, seed=0, bf16=bf16,
     )
     dataset = Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9 t10"] * 4})
     model = llama()
@@ -270,20 +270,30 @@ def _grpo(tmp_path, patch: str | None):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("patch", ["before", "after"])
-def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch):
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-autocast", "float32"])
+def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch, bf16):
     """A reward of the completion's length; generation runs the stock forward (eval calls),
-    the policy's log-probabilities the patch. Measured: the same rewards, loss and entropy; the
-    gradient norm of the one step that moves the weights 1.02544 against TRL's 1.02508 (3.4e-4
-    relative, not explained yet: the same objective on a bare head agrees to float32 precision),
-    weights within 2.3e-6 after 2 SGD steps (max_grad_norm 1 clips both). Asserted: rewards
-    equal, loss and entropy rtol 1e-4, weights atol 2e-5."""
-    stock, stock_log, _ = _grpo(tmp_path / "stock", patch=None)
-    patched, patched_log, report = _grpo(tmp_path / "patched", patch=patch)
+    the policy's log-probabilities the patch. The second step moves the weights (the first
+    one's advantages are 0).
+
+    GRPOConfig's default bf16=True makes accelerate run the step under CPU autocast: both
+    heads then compute bfloat16 products, each rounded its own way. Measured: gradient norm
+    1.025437 patched against TRL's 1.025084 (3.4e-4 relative), 7.5e-4 and 1.1e-3 off the
+    float64 gradient (1.026211) of the same call; replaying that call under autocast gives
+    both norms bit for bit. Against the model's own head under the same autocast, the patch's
+    backbone gradients are equal (layer 0's q_proj: 0; TRL's 4.5e-3 relative) and lm_head's
+    differs by 2.9e-3 (TRL's 1.6e-3): bfloat16 rounding, asserted within its unit roundoff 2**-8. With bf16=False both norms
+    are 1.0262113 to the last bit (asserted rtol 1e-6). Both: the same rewards, loss and
+    entropy rtol 1e-4, weights atol 2e-5 after 2 SGD steps (max_grad_norm 1 clips both)."""
+    stock, stock_log, _ = _grpo(tmp_path / "stock", patch=None, bf16=bf16)
+    patched, patched_log, report = _grpo(tmp_path / "patched", patch=patch, bf16=bf16)
     assert report.patched and (report.calls.fused, report.calls.fallback) == (2, 0)  # one training call a step
     for ours, theirs in zip(patched_log, stock_log, strict=True):
         assert ours["reward"] == theirs["reward"]
         for key in ("loss", "entropy"):
             torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), rtol=1e-4, atol=1e-7)
+        rtol = 2**-8 if bf16 else 1e-6
+        torch.testing.assert_close(torch.tensor(ours["grad_norm"]), torch.tensor(theirs["grad_norm"]), rtol=rtol, atol=0)
     assert patched_log[-1]["grad_norm"] > 0.1  # a step that moved the weights
     for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)
