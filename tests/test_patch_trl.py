@@ -3,7 +3,8 @@ SFT, DPO and GRPO trainers install in their __init__ and call with ``fused_lm_he
 
 Patched after TRL's head is added (after the trainer is built) or before (TRL's head then
 wraps the patch), a ``fused_lm_head=True`` training call is served by the patch (fused.hf.trl):
-the model body runs once, log_probs come from the project's kernel, the other outputs from
+the model body runs once, log_probs and entropy come from the project's kernels (on CPU the
+reference, or the kernels in Triton's interpreter), the other outputs from
 reference.per_token_outputs. Compared
 with the same call on an unpatched copy (TRL's own head), float32 on CPU: the loss and each
 per-token output to rtol 1e-5 / atol 1e-6, is_top1 and label_mask exactly, the gradients of
@@ -15,13 +16,16 @@ the same runs unpatched: tolerances in each test.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
+import fused.hf.trl
 from fused.hf import patch_model, patch_report, unpatch_model
+from fused.per_token import log_probs_and_entropy
 from tests.test_patch import batch, build, llama, lora_model
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -66,7 +70,10 @@ def compare(patched, expected) -> None:
 )
 @pytest.mark.parametrize("count", [None, 9])
 @pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
-def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count, order):
+@pytest.mark.parametrize("backend", ["auto", "triton"], ids=["cpu-reference", "kernels"])
+def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count, order, backend, monkeypatch):
+    # backend='triton': log_probs and entropy from the Triton kernels (the interpreter on CPU).
+    monkeypatch.setattr(fused.hf.trl, "log_probs_and_entropy", functools.partial(log_probs_and_entropy, backend=backend))
     model = make()
     if isinstance(model, Gemma2ForCausalLM):
         with torch.no_grad():

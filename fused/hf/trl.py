@@ -16,9 +16,11 @@ Either way the answer is what TRL's head returns:
 
 - ``log_probs``: minus the fused kernel's ``reduction='none'`` loss, TRL's temperature folded
   into the probed logit transform (``reference.per_token_outputs.per_token_transform``);
-- ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``: the kernel does not compute
-  them yet; ``token_statistics`` (one function, the seam for kernel statistics later) takes
-  them from ``reference.per_token_outputs``, rows in checkpointed chunks;
+- ``entropy`` with them, from the same walk over the tiles (``fused.per_token``; on CPU the
+  reference);
+- ``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` (no gradient): the kernels do not compute
+  them yet; ``token_statistics`` takes them from ``reference.per_token_outputs``, rows in
+  checkpointed chunks;
 - ``loss`` (``-sum(log_probs) / num_items_in_batch``, or the count of valid labels) and
   ``label_mask`` as TRL computes them.
 
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 from fused.hf.head import fold_head
 from fused.hf.transform import LogitTransform
 from fused.api import linear_cross_entropy
+from fused.per_token import log_probs_and_entropy
 from reference.per_token_outputs import per_token_outputs, per_token_transform
 
 TRL_MODULE = ("trl", "trainer", "utils.py")  # where add_fused_lm_head defines its forward
@@ -123,13 +126,17 @@ def token_statistics(
     rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, head: TrlHead, transform: LogitTransform
 ) -> dict[str, Tensor]:
     """The per-token outputs of the valid ``rows (n, D)`` against ``targets (n,)``: ``log_probs``
-    from the fused kernel, the others TRL asked for from the reference (kernel statistics
-    would replace that part here)."""
+    (and ``entropy`` when TRL asks for it) from the fused kernels, the others TRL asked for
+    from the reference."""
     logit_scale = transform.logit_scale if transform.logit_scale is not None else 1.0
     scale, cap = per_token_transform(head.temperature, transform.softcap, logit_scale)
-    loss = linear_cross_entropy(rows, weight, targets, bias=bias, reduction="none", logit_scale=scale, softcap=cap)
-    found = {"log_probs": -loss}
-    others = tuple(name for name in head.outputs if name != "log_probs")
+    if "entropy" in head.outputs:
+        log_probs, entropy = log_probs_and_entropy(rows, weight, targets, bias=bias, logit_scale=scale, softcap=cap)
+        found = {"log_probs": log_probs, "entropy": entropy}
+    else:
+        loss = linear_cross_entropy(rows, weight, targets, bias=bias, reduction="none", logit_scale=scale, softcap=cap)
+        found = {"log_probs": -loss}
+    others = tuple(name for name in head.outputs if name not in found)
     if others:
         statistics = per_token_outputs(
             rows, weight, targets, bias, temperature=head.temperature, softcap=transform.softcap,

@@ -1,0 +1,68 @@
+"""fused.per_token.log_probs_and_entropy on the Triton kernels (the interpreter on CPU) against
+reference.per_token_outputs, float32, on an irregular shape: 37 rows (two ignored) of 16
+features against 101 vocabulary entries, tiles of 16 rows by 40 columns (three vocabulary
+blocks, the last partial; three row chunks, the last partial), with and without the
+transforms. Values within rtol 1e-5 / atol 1e-5 (the entropy's sums run in another order),
+gradients of ``sum(a * log_probs + b * entropy)`` for random ``a``, ``b`` within rtol 1e-4 /
+atol 1e-6, as tests/test_per_token_outputs.py holds TRL's head to the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fused.per_token
+from fused.plan import tile_plan
+from reference.per_token_outputs import per_token_outputs, per_token_transform
+
+N, D, V = 37, 16, 101
+SETTINGS = {"plain": (1.0, None, 1.0), "temperature-softcap-scale": (1.3, 3.0, 0.8)}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(fused.per_token, "tile_plan", functools.partial(tile_plan, chunk_size=16, vocab_chunk_size=40))
+
+
+def problem():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, D, generator=generator).requires_grad_()
+    weight = (torch.randn(V, D, generator=generator) * 0.5).requires_grad_()
+    bias = torch.randn(V, generator=generator).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[[3, 20]] = -100
+    upstream = torch.randn(2, N, generator=generator)
+    return hidden, weight, bias, targets, upstream
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_kernel_log_probs_and_entropy_match_the_reference(small_tiles, setting):
+    temperature, softcap, logit_scale = SETTINGS[setting]
+    hidden, weight, bias, targets, (a, b) = problem()
+    scale, cap = per_token_transform(temperature, softcap, logit_scale)
+    log_probs, entropy = fused.per_token.log_probs_and_entropy(
+        hidden, weight, targets, bias=bias, logit_scale=scale, softcap=cap, backend="triton"
+    )
+    valid = targets != -100
+    expected = per_token_outputs(
+        hidden[valid], weight, targets[valid], bias, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, outputs=("log_probs", "entropy"),
+    )
+    torch.testing.assert_close(log_probs[valid], expected.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[valid], expected.entropy, rtol=1e-5, atol=1e-5)
+    assert log_probs[~valid].eq(0).all() and entropy[~valid].eq(0).all()
+    inputs = (hidden, weight, bias)
+    got = torch.autograd.grad((a * log_probs).sum() + (b * entropy).sum(), inputs)
+    want = torch.autograd.grad((a[valid] * expected.log_probs).sum() + (b[valid] * expected.entropy).sum(), inputs)
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_reference_backend_is_the_reference():
+    hidden, weight, bias, targets, _ = problem()
+    log_probs, entropy = fused.per_token.log_probs_and_entropy(hidden, weight, targets, bias=bias, backend="reference")
+    valid = targets != -100
+    expected = per_token_outputs(hidden[valid], weight, targets[valid], bias, outputs=("log_probs", "entropy"))
+    assert torch.equal(log_probs[valid], expected.log_probs) and torch.equal(entropy[valid], expected.entropy)
