@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import fused.hf.trl
 from fused.hf import patch_model, patch_report, unpatch_model
@@ -30,6 +30,7 @@ from tests.test_patch import batch, build, llama, lora_model
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 OUTPUTS = ("log_probs", "entropy", "is_top1", "log_sum_sq_probs", "mean_logits")
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
 
 
 def trl_call(model, **inputs):
@@ -46,6 +47,10 @@ def trl_call(model, **inputs):
 def compare(patched, expected) -> None:
     (output, grads), (trl_output, trl_grads) = patched, expected
     torch.testing.assert_close(output.loss, trl_output.loss, rtol=1e-5, atol=1e-6)
+    assert (output.aux_loss is None) == (trl_output.aux_loss is None)
+    if trl_output.aux_loss is not None:
+        assert trl_output.aux_loss > 1e-3  # the load-balancing term is really there
+        torch.testing.assert_close(output.aux_loss, trl_output.aux_loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(output.label_mask, trl_output.label_mask)
     for name in OUTPUTS:
         if name == "is_top1":
@@ -65,8 +70,9 @@ def compare(patched, expected) -> None:
         (llama, 1.0),
         (lambda: llama(tie_word_embeddings=True), 0.7),
         (lambda: build(Gemma2ForCausalLM, Gemma2Config, head_dim=8, final_logit_softcapping=2.0), 1.3),
+        (lambda: build(MixtralForCausalLM, MixtralConfig, output_router_logits=True, **MOE), 1.0),
     ],
-    ids=["llama", "tied-temperature", "gemma2-softcap-temperature"],
+    ids=["llama", "tied-temperature", "gemma2-softcap-temperature", "mixtral-router-aux-loss"],
 )
 @pytest.mark.parametrize("count", [None, 9])
 @pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
@@ -98,19 +104,16 @@ def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, coun
     assert (calls.fused, calls.fallback) == (1, 0)
 
 
-@pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
-def test_a_call_the_patch_cannot_serve_runs_trls_head_once(order):
+def test_a_call_the_patch_cannot_serve_runs_trls_head_once():
+    # TRL's forward wrapped again before the patch: the patch cannot read TRL's settings.
     model = llama()
+    trl_utils.add_fused_lm_head(model, outputs=OUTPUTS)
     unpatched = copy.deepcopy(model)
-    trl_utils.add_fused_lm_head(unpatched, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
-    if order == "trl-then-patch":
-        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    model.forward = functools.partial(model.forward)
     assert patch_model(model).patched
-    if order == "patch-then-trl":
-        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
     runs = []
     model.model.register_forward_hook(lambda module, args, output: runs.append(1))
-    with pytest.warns(RuntimeWarning, match=r"TRL fused_lm_head=True call this patch cannot serve exactly \(TRL runs the head in float32"):
+    with pytest.warns(RuntimeWarning, match=r"cannot serve exactly \(TRL's forward is not one this patch recognises"):
         patched = trl_call(model, **batch())
     compare(patched, trl_call(unpatched, **batch()))
     assert len(runs) == 1
@@ -118,6 +121,35 @@ def test_a_call_the_patch_cannot_serve_runs_trls_head_once(order):
     assert (calls.fused, calls.fallback) == (0, 1) and "TRL" in calls.last_fallback
     output = model(**batch())  # an ordinary training call still takes the fused path
     assert output.logits is None and calls.fused == 1
+
+
+@pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
+def test_trls_head_cast_to_float32_is_served(order):
+    """A bfloat16 model, TRL's cast_lm_head_to_fp32: both heads take the bfloat16 hidden states
+    and weight to float32 and compute there, so the outputs agree as float32 computations do
+    (measured within 1e-6; asserted rtol 1e-5); the parameters' gradients are float32 sums
+    rounded once to bfloat16 on both sides (measured equal; held to one bfloat16 rounding,
+    rtol 2**-7)."""
+    model = llama().to(torch.bfloat16)
+    unpatched = copy.deepcopy(model)
+    trl_utils.add_fused_lm_head(unpatched, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    if order == "trl-then-patch":
+        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    assert patch_model(model).patched
+    if order == "patch-then-trl":
+        trl_utils.add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=OUTPUTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        output, grads = trl_call(model, **batch())
+    trl_output, trl_grads = trl_call(unpatched, **batch())
+    assert output.log_probs.dtype == torch.float32 == trl_output.log_probs.dtype
+    for name in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        torch.testing.assert_close(getattr(output, name), getattr(trl_output, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(output.is_top1, trl_output.is_top1)
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=2**-7, atol=1e-5, msg=name)
+    calls = patch_report(model).calls
+    assert (calls.fused, calls.fallback) == (1, 0)
 
 
 @pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])

@@ -24,9 +24,10 @@ Either way the answer is what TRL's head returns:
 - ``loss`` (``-sum(log_probs) / num_items_in_batch``, or the count of valid labels) and
   ``label_mask`` as TRL computes them.
 
-TRL's settings (temperature, requested outputs, backbone attribute) are read from its forward;
-a call this module cannot serve exactly (``unservable``: the head cast to float32, MoE router
-logits asked for, a TRL whose forward it does not recognise) is left to TRL's own head.
+TRL's settings (temperature, requested outputs, backbone attribute, the head cast to float32)
+are read from its forward; MoE models' load-balancing loss is added as TRL adds it. A call
+this module cannot serve exactly (``unservable``: router logits of a config without
+``num_experts``, a TRL whose forward it does not recognise, no labels) is left to TRL's own head.
 
 TRL older than 1.15 reads ``outputs.logits`` of its training calls (SFTTrainer's token
 accuracy and entropy), which the patch leaves None, and its ``loss_type='chunked_nll'``
@@ -37,10 +38,13 @@ refuses while it is installed, instead of a crash in the first training step.
 from __future__ import annotations
 
 import importlib.metadata
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from packaging.version import Version
 from torch import Tensor, nn
 
@@ -103,10 +107,9 @@ def unservable(head: TrlHead | None, kwargs: dict) -> str | None:
     ``head`` cannot be served exactly by the patch, or None."""
     if head is None:
         return "TRL's forward is not one this patch recognises"
-    if head.cast_lm_head_to_fp32:
-        return "TRL runs the head in float32 (cast_lm_head_to_fp32)"
-    if getattr(head.text_config, "output_router_logits", False) or kwargs.get("output_router_logits"):
-        return "MoE router logits are asked for"
+    routed = getattr(head.text_config, "output_router_logits", False) or kwargs.get("output_router_logits")
+    if routed and (Version(transformers.__version__) < Version("5") or not hasattr(head.text_config, "num_experts")):
+        return "MoE router logits are asked for of a model whose config has no num_experts"
     if kwargs.get("labels") is None and kwargs.get("shift_labels") is None:
         return "the call has no labels"
     return None
@@ -156,7 +159,10 @@ def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tupl
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs["use_cache"] = False
-    hidden = getattr(model, head.backbone_attr)(*args, **kwargs).last_hidden_state
+    if getattr(head.text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    backbone = getattr(model, head.backbone_attr)(*args, **kwargs)
+    hidden = backbone.last_hidden_state
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:
@@ -168,9 +174,26 @@ def serve(model: nn.Module, head: TrlHead, transform: LogitTransform, args: tupl
     targets = targets.to(weight.device)
     mask = targets != -100
     rows = operands.hidden.to(weight.device)[mask]
-    found = token_statistics(rows, weight, bias, targets[mask], head, transform)
+    precision = nullcontext()
+    if head.cast_lm_head_to_fp32:  # as TRL: the head's products in float32, outside autocast
+        rows, weight, bias = rows.float(), weight.float(), None if bias is None else bias.float()
+        precision = torch.autocast(rows.device.type, enabled=False)
+    with precision:
+        found = token_statistics(rows, weight, bias, targets[mask], head, transform)
     # masked_scatter keeps an all-masked micro-batch connected to the graph, as TRL does.
     per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in found.items()}
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -per_token["log_probs"].sum() / count
-    return FusedCausalLMOutput(loss=loss, label_mask=mask, **per_token)
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = router_aux_loss(head.text_config, backbone.router_logits, kwargs.get("attention_mask"))
+        loss = loss + getattr(head.text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
+
+
+def router_aux_loss(text_config: Any, router_logits: Any, attention_mask: Tensor | None) -> Tensor:
+    """The MoE load-balancing loss as TRL's head computes it: Mixtral's function (every MoE
+    family takes it from there), the config's expert counts (``unservable`` checked they exist)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask)
