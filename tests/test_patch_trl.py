@@ -3,7 +3,7 @@ SFT, DPO and GRPO trainers install in their __init__ and call with ``fused_lm_he
 
 Patched after TRL's head is added (after the trainer is built) or before (TRL's head then
 wraps the patch), a ``fused_lm_head=True`` training call is served by the patch (fused.hf.trl):
-the model body runs once, log_probs and entropy come from the project's kernels (on CPU the
+the model body runs once, log_probs, entropy and is_top1 come from the project's kernels (on CPU the
 reference, or the kernels in Triton's interpreter), the other outputs from
 reference.per_token_outputs. Compared
 with the same call on an unpatched copy (TRL's own head), float32 on CPU: the loss and each
@@ -25,7 +25,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, MixtralConfig, Mixtral
 
 import fused.hf.trl
 from fused.hf import patch_model, patch_report, unpatch_model
-from fused.per_token import log_probs_and_entropy
+from fused.per_token import token_outputs
 from tests.test_patch import batch, build, llama, lora_model
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -78,8 +78,8 @@ def compare(patched, expected) -> None:
 @pytest.mark.parametrize("order", ["trl-then-patch", "patch-then-trl"])
 @pytest.mark.parametrize("backend", ["auto", "triton"], ids=["cpu-reference", "kernels"])
 def test_a_trl_fused_lm_head_call_is_served_by_the_patch(make, temperature, count, order, backend, monkeypatch):
-    # backend='triton': log_probs and entropy from the Triton kernels (the interpreter on CPU).
-    monkeypatch.setattr(fused.hf.trl, "log_probs_and_entropy", functools.partial(log_probs_and_entropy, backend=backend))
+    # backend='triton': log_probs, entropy and is_top1 from the Triton kernels (the interpreter on CPU).
+    monkeypatch.setattr(fused.hf.trl, "token_outputs", functools.partial(token_outputs, backend=backend))
     model = make()
     if isinstance(model, Gemma2ForCausalLM):
         with torch.no_grad():

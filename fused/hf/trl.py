@@ -16,9 +16,9 @@ Either way the answer is what TRL's head returns:
 
 - ``log_probs``: minus the fused kernel's ``reduction='none'`` loss, TRL's temperature folded
   into the probed logit transform (``reference.per_token_outputs.per_token_transform``);
-- ``entropy`` with them, from the same walk over the tiles (``fused.per_token``; on CPU the
-  reference);
-- ``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` (no gradient): the kernels do not compute
+- ``entropy`` and ``is_top1`` with them, from the same walk over the tiles
+  (``fused.per_token``; on CPU the reference);
+- ``log_sum_sq_probs``, ``mean_logits`` (no gradient): the kernels do not compute
   them yet; ``token_statistics`` takes them from ``reference.per_token_outputs``, rows in
   checkpointed chunks;
 - ``loss`` (``-sum(log_probs) / num_items_in_batch``, or the count of valid labels) and
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from fused.hf.head import fold_head
 from fused.hf.transform import LogitTransform
 from fused.api import linear_cross_entropy
-from fused.per_token import log_probs_and_entropy
+from fused.per_token import token_outputs
 from reference.per_token_outputs import per_token_outputs, per_token_transform
 
 TRL_MODULE = ("trl", "trainer", "utils.py")  # where add_fused_lm_head defines its forward
@@ -129,13 +129,15 @@ def token_statistics(
     rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, head: TrlHead, transform: LogitTransform
 ) -> dict[str, Tensor]:
     """The per-token outputs of the valid ``rows (n, D)`` against ``targets (n,)``: ``log_probs``
-    (and ``entropy`` when TRL asks for it) from the fused kernels, the others TRL asked for
-    from the reference."""
+    (and ``entropy``, ``is_top1`` when TRL asks for them) from the fused kernels, the others
+    TRL asked for from the reference."""
     logit_scale = transform.logit_scale if transform.logit_scale is not None else 1.0
     scale, cap = per_token_transform(head.temperature, transform.softcap, logit_scale)
-    if "entropy" in head.outputs:
-        log_probs, entropy = log_probs_and_entropy(rows, weight, targets, bias=bias, logit_scale=scale, softcap=cap)
-        found = {"log_probs": log_probs, "entropy": entropy}
+    if "entropy" in head.outputs or "is_top1" in head.outputs:
+        found = token_outputs(
+            rows, weight, targets, bias=bias, logit_scale=scale, softcap=cap, top1="is_top1" in head.outputs
+        )
+        found = {name: value for name, value in found.items() if name == "log_probs" or name in head.outputs}
     else:
         loss = linear_cross_entropy(rows, weight, targets, bias=bias, reduction="none", logit_scale=scale, softcap=cap)
         found = {"log_probs": -loss}

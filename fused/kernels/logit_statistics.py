@@ -10,7 +10,10 @@ numbers, carried over from the previous vocabulary blocks of the same rows:
 * ``logit_sum``: ``sum_j z_j`` (label smoothing needs the mean logit), only if asked;
 * ``weighted_sum``: ``sum_j exp(z_j - m) * z_j``, rescaled with ``sumexp``, only if asked
   (``ENTROPY``): the entropy of the row is ``lse - weighted_sum / sumexp``
-  (``reference.per_token_outputs``).
+  (``reference.per_token_outputs``);
+* ``max_before``: the largest logit left of the target's column, only if asked (``TOP1``):
+  the target is the first maximum (argmax's rule) when ``target_logit >= max`` and
+  ``target_logit > max_before``.
 
 Within a row each of the ``BLOCK_V`` lanes keeps its own running max and sum, so a block
 costs one exponential per logit and no reduction across the program; the lanes are merged
@@ -32,19 +35,21 @@ from reference.linear_cross_entropy import LossOptions
 @triton.jit
 def row_statistics(
     logits_row, n_cols, target_col, logit_scale, softcap, running_max, sumexp, target_logit, logit_sum,
-    weighted_sum,
+    weighted_sum, max_before,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    TOP1: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Fold one row's ``n_cols`` raw logits at ``logits_row`` into its running statistics
     (scalars, in the compute dtype) and return the updated ``(max, sumexp, target_logit,
-    logit_sum, weighted_sum)``. ``target_col`` is the target's column within this row segment."""
+    logit_sum, weighted_sum, max_before)``. ``target_col`` is the target's column within this
+    row segment (negative past it, beyond ``n_cols`` before it)."""
     dtype = running_max.dtype
     lane_max = tl.full((BLOCK_V,), float("-inf"), dtype)
     lane_sum = tl.zeros((BLOCK_V,), dtype)
     lane_target = tl.zeros((BLOCK_V,), dtype)
     lane_logits = tl.zeros((BLOCK_V,), dtype)
     lane_weighted = tl.zeros((BLOCK_V,), dtype)
+    lane_before = tl.full((BLOCK_V,), float("-inf"), dtype)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_cols
@@ -68,6 +73,8 @@ def row_statistics(
         lane_target += tl.where((cols == target_col) & in_row, z, 0.0)
         if SUM_LOGITS:
             lane_logits += tl.where(in_row, z, 0.0)
+        if TOP1:
+            lane_before = tl.maximum(lane_before, tl.where(cols < target_col, z, float("-inf")))
     new_max = tl.maximum(running_max, tl.max(lane_max, axis=0))
     # new_max is finite once a row has one finite logit; -inf lanes then scale by exp(-inf) = 0.
     old_scale, lane_scale = tl.exp(running_max - new_max), tl.exp(lane_max - new_max)
@@ -77,16 +84,18 @@ def row_statistics(
         logit_sum += tl.sum(lane_logits, axis=0)
     if ENTROPY:
         weighted_sum = weighted_sum * old_scale + tl.sum(lane_weighted * lane_scale, axis=0)
-    return new_max, sumexp, target_logit, logit_sum, weighted_sum
+    if TOP1:
+        max_before = tl.maximum(max_before, tl.max(lane_before, axis=0))
+    return new_max, sumexp, target_logit, logit_sum, weighted_sum, max_before
 
 
 @triton.jit
 def logit_statistics_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
-    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, weighted_sum_ptr,
+    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, weighted_sum_ptr, max_before_ptr,
     ignore_index, logit_scale, softcap,
     SKIP_IGNORED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr, TOP1: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
@@ -99,11 +108,14 @@ def logit_statistics_kernel(
     weighted_sum = tl.full((), 0.0, max_ptr.dtype.element_ty)
     if ENTROPY:
         weighted_sum = tl.load(weighted_sum_ptr + row)
-    running_max, sumexp, target_logit, logit_sum, weighted_sum = row_statistics(
+    max_before = tl.full((), float("-inf"), max_ptr.dtype.element_ty)
+    if TOP1:
+        max_before = tl.load(max_before_ptr + row)
+    running_max, sumexp, target_logit, logit_sum, weighted_sum, max_before = row_statistics(
         logits_ptr + row.to(tl.int64) * row_stride, n_cols, target - col_offset,
         logit_scale, softcap, tl.load(max_ptr + row), tl.load(sumexp_ptr + row),
-        tl.load(target_logit_ptr + row), logit_sum, weighted_sum, HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, ENTROPY,
-        BLOCK_V,
+        tl.load(target_logit_ptr + row), logit_sum, weighted_sum, max_before, HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS,
+        ENTROPY, TOP1, BLOCK_V,
     )
     tl.store(max_ptr + row, running_max)
     tl.store(sumexp_ptr + row, sumexp)
@@ -112,6 +124,8 @@ def logit_statistics_kernel(
         tl.store(logit_sum_ptr + row, logit_sum)
     if ENTROPY:
         tl.store(weighted_sum_ptr + row, weighted_sum)
+    if TOP1:
+        tl.store(max_before_ptr + row, max_before)
 
 
 class RowStatistics:
@@ -121,14 +135,14 @@ class RowStatistics:
     with ``overwritten`` they start uninitialised, for a kernel that writes every row's
     statistics without reading them (``logit_statistics_and_gradient``): four fewer launches
     ahead of the first product. ``logit_sum`` is kept only if ``sum_logits`` (label smoothing
-    needs it), ``weighted_sum`` only if ``entropy``.
+    needs it), ``weighted_sum`` only if ``entropy``, ``max_before`` only if ``top1``.
     """
 
     def __init__(
         self, n: int, dtype: torch.dtype, device: torch.device, sum_logits: bool, *, overwritten: bool = False,
-        entropy: bool = False,
+        entropy: bool = False, top1: bool = False,
     ) -> None:
-        self.sum_logits, self.entropy = sum_logits, entropy
+        self.sum_logits, self.entropy, self.top1 = sum_logits, entropy, top1
 
         def start(size: int, value: float) -> Tensor:
             if overwritten:
@@ -140,6 +154,7 @@ class RowStatistics:
         self.target_logit = start(n, 0.0)
         self.logit_sum = start(n if sum_logits else 1, 0.0)
         self.weighted_sum = start(n if entropy else 1, 0.0)
+        self.max_before = start(n if top1 else 1, float("-inf"))
 
     def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Views of ``(max, sumexp, target_logit, logit_sum)`` on ``rows``, for a kernel's
@@ -147,9 +162,11 @@ class RowStatistics:
         logit_sum = self.logit_sum[rows] if self.sum_logits else self.logit_sum
         return self.max[rows], self.sumexp[rows], self.target_logit[rows], logit_sum
 
-    def weighted_rows(self, rows: slice) -> Tensor:
-        """``weighted_sum`` on ``rows`` for a kernel's pointer (a dummy unless ``entropy``)."""
-        return self.weighted_sum[rows] if self.entropy else self.weighted_sum
+    def per_token_rows(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """``(weighted_sum, max_before)`` on ``rows`` for a kernel's pointers (dummies of one
+        element unless ``entropy``, ``top1``)."""
+        weighted_sum = self.weighted_sum[rows] if self.entropy else self.weighted_sum
+        return weighted_sum, self.max_before[rows] if self.top1 else self.max_before
 
     def entropy_of(self, rows: slice, lse: Tensor) -> Tensor:
         """The entropy of the softmax of rows ``rows`` with final statistics and log-sum-exp
@@ -157,6 +174,14 @@ class RowStatistics:
         if not self.entropy:
             raise ValueError("these statistics were kept without entropy=True")
         return lse - self.weighted_sum[rows] / self.sumexp[rows]
+
+    def is_top1(self, rows: slice) -> Tensor:
+        """Whether each target of rows ``rows`` is the first maximum of its row's logits
+        (final statistics)."""
+        if not self.top1:
+            raise ValueError("these statistics were kept without top1=True")
+        target = self.target_logit[rows]
+        return (target >= self.max[rows]) & (target > self.max_before[rows])
 
 
 def accumulate_logit_statistics(
@@ -180,8 +205,8 @@ def accumulate_logit_statistics(
     """
     logit_statistics_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1], col_offset,
-        targets[rows], *stats.rows(rows), stats.weighted_rows(rows),
+        targets[rows], *stats.rows(rows), *stats.per_token_rows(rows),
         options.ignore_index, options.logit_scale or 1.0, options.softcap or 1.0,
         SKIP_IGNORED=skip_ignored, HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
-        SUM_LOGITS=stats.sum_logits, ENTROPY=stats.entropy, **row_kernel_launch(logits.shape[1]),
+        SUM_LOGITS=stats.sum_logits, ENTROPY=stats.entropy, TOP1=stats.top1, **row_kernel_launch(logits.shape[1]),
     )
