@@ -53,11 +53,11 @@ class _TokenOutputs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         problem, plan, dtypes = _tiles(hidden, weight, bias, targets, ctx.options)
         loss_grad = -grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
-        entropy_grad = grad_entropy.contiguous() if grad_entropy is not None else torch.zeros_like(lse)
-        wanted = tuple(ctx.needs_input_grad[:3])
+        # No entropy gradient (a metric only): the gradient kernel without its entropy term.
+        entropy_grads = None if grad_entropy is None else (entropy, grad_entropy.contiguous())
         out = run_tiles(
-            problem, ctx.options, plan, dtypes, lse=lse, loss_grad=loss_grad, entropy_grads=(entropy, entropy_grad),
-            wanted=wanted,
+            problem, ctx.options, plan, dtypes, lse=lse, loss_grad=loss_grad, entropy_grads=entropy_grads,
+            wanted=tuple(ctx.needs_input_grad[:3]),
         )
         return out.hidden, out.weight, out.bias, None, None, None, None
 
