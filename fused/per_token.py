@@ -30,7 +30,8 @@ from reference.per_token_outputs import per_token_outputs
 
 def _tiles(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, options: LossOptions):
     problem = tile_problem(hidden, weight, targets, bias, options, shift=False, num_items_in_batch=None)
-    sizes = PlanSizes(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), has_bias=bias is not None)
+    (n, d), vocab = hidden.shape, weight.shape[0]
+    sizes = PlanSizes(n, vocab, d, hidden.element_size(), has_bias=bias is not None)
     dtypes = TileDtypes(compute=torch.float32, logits=hidden.dtype, weight_sum=weight.dtype)
     return problem, tile_plan(sizes), dtypes
 
@@ -93,7 +94,8 @@ def token_outputs(
         found = per_token_outputs(
             hidden[valid], weight, targets[valid], bias, softcap=softcap, logit_scale=logit_scale or 1.0, outputs=names
         )
-        return {name: getattr(found, name).new_zeros(targets.shape).masked_scatter(valid, getattr(found, name)) for name in names}
+        values = {name: getattr(found, name) for name in names}
+        return {name: value.new_zeros(targets.shape).masked_scatter(valid, value) for name, value in values.items()}
     if not hidden.is_cuda and not KERNELS_INTERPRETED:
         raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing fused")
     return dict(zip(names, _TokenOutputs.apply(hidden, weight, bias, targets, logit_scale, softcap, top1)))

@@ -299,7 +299,9 @@ def _grpo(tmp_path, patch: str | None, bf16: bool):
     dataset = Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9 t10"] * 4})
     model = llama()
     report = patch_model(model) if patch == "before" else None
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     if patch == "after":
         report = patch_model(trainer.model)
     trainer.train()
@@ -321,8 +323,8 @@ def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch, bf16)
     float64 gradient (1.026211) of the same call; replaying that call under autocast gives
     both norms bit for bit. Against the model's own head under the same autocast, the patch's
     backbone gradients are equal (layer 0's q_proj: 0; TRL's 4.5e-3 relative) and lm_head's
-    differs by 2.9e-3 (TRL's 1.6e-3): bfloat16 rounding, asserted within its unit roundoff 2**-8. With bf16=False both norms
-    are 1.0262113 to the last bit (asserted rtol 1e-6). Both: the same rewards, loss and
+    differs by 2.9e-3 (TRL's 1.6e-3): bfloat16 rounding, asserted within its unit roundoff 2**-8.
+    With bf16=False both norms are 1.0262113 to the last bit (asserted rtol 1e-6). Both: the same rewards, loss and
     entropy rtol 1e-4, weights atol 2e-5 after 2 SGD steps (max_grad_norm 1 clips both)."""
     stock, stock_log, _ = _grpo(tmp_path / "stock", patch=None, bf16=bf16)
     patched, patched_log, report = _grpo(tmp_path / "patched", patch=patch, bf16=bf16)
@@ -332,7 +334,8 @@ def test_grpo_trainer_trains_on_the_patch_as_on_trls_head(tmp_path, patch, bf16)
         for key in ("loss", "entropy"):
             torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), rtol=1e-4, atol=1e-7)
         rtol = 2**-8 if bf16 else 1e-6
-        torch.testing.assert_close(torch.tensor(ours["grad_norm"]), torch.tensor(theirs["grad_norm"]), rtol=rtol, atol=0)
+        norms = torch.tensor(ours["grad_norm"]), torch.tensor(theirs["grad_norm"])
+        torch.testing.assert_close(*norms, rtol=rtol, atol=0)
     assert patched_log[-1]["grad_norm"] > 0.1  # a step that moved the weights
     for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5, msg=name)

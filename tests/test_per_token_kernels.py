@@ -85,6 +85,7 @@ def test_the_reference_backend_is_the_reference():
     hidden, weight, bias, targets, _ = problem()
     found = fused.per_token.token_outputs(hidden, weight, targets, bias=bias, top1=True, backend="reference")
     valid = targets != -100
-    expected = per_token_outputs(hidden[valid], weight, targets[valid], bias, outputs=("log_probs", "entropy", "is_top1"))
-    for name in ("log_probs", "entropy", "is_top1"):
+    names = ("log_probs", "entropy", "is_top1")
+    expected = per_token_outputs(hidden[valid], weight, targets[valid], bias, outputs=names)
+    for name in names:
         assert torch.equal(found[name][valid], getattr(expected, name)), name

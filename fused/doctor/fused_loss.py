@@ -3,8 +3,8 @@
 Behavioural: one training-mode forward of the batch through the model as the training loop
 calls it, reading the patch's call counters (``fused.patch_report``) before and after. The
 fused count must move. A forward replaced after ``patch_model`` by one that skips the patch
-(a wrapper assigned to ``model.forward`` that calls the class's forward) leaves the counters still; a fallback counts and
-says why; a patch on a module the outer forward does not reach with labels stays still.
+(a wrapper assigned to ``model.forward`` that calls the class's forward) leaves the counters
+still; a fallback counts and says why; a patch on a module the outer forward does not reach with labels stays still.
 """
 
 from __future__ import annotations

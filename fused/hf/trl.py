@@ -198,4 +198,5 @@ def router_aux_loss(text_config: Any, router_logits: Any, attention_mask: Tensor
     family takes it from there), the config's expert counts (``unservable`` checked they exist)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    return load_balancing_loss_func(router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask)
+    experts, per_token = text_config.num_experts, text_config.num_experts_per_tok
+    return load_balancing_loss_func(router_logits, experts, per_token, attention_mask)
