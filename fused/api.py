@@ -31,7 +31,7 @@ def _cast_for_autocast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t
 
 
-def _computes_as_autocast_would(function: Callable) -> Callable:
+def computes_as_autocast_would(function: Callable) -> Callable:
     """Under ``torch.autocast``, run ``function`` as the model's own head and loss would run:
     the head's inputs cast to the autocast dtype (what ``nn.Linear`` does under autocast),
     then the loss with autocast off, so that its float32 statistics stay float32 and the
@@ -52,7 +52,7 @@ def _computes_as_autocast_would(function: Callable) -> Callable:
     return run
 
 
-@_computes_as_autocast_would
+@computes_as_autocast_would
 @takes_loss_arguments
 def linear_cross_entropy(
     hidden: Tensor,

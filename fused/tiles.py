@@ -123,14 +123,16 @@ def queued_targets(problem: TileProblem) -> Tensor:
 
 @dataclasses.dataclass
 class TileResults:
-    """What the tile loop returns: per-token ``losses`` and ``lse`` (when it computed them)
-    and the gradients asked for (None otherwise)."""
+    """What the tile loop returns: per-token ``losses`` and ``lse`` (when it computed them),
+    the gradients asked for (None otherwise) and each token's ``entropy`` when asked for."""
 
     losses: Tensor | None
     lse: Tensor
     hidden: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
+    entropy: Tensor | None = None
+    is_top1: Tensor | None = None
 
 
 def run_tiles(
@@ -144,12 +146,19 @@ def run_tiles(
     lse_grad: Tensor | None = None,
     alpha: Callable[[], float] = lambda: 1.0,
     wanted: tuple[bool, bool, bool] = (False, False, False),
+    entropy: bool = False,
+    top1: bool = False,
+    entropy_grads: tuple[Tensor, Tensor] | None = None,
 ) -> TileResults:
     """Walk the tiles of ``problem`` once: statistics (unless ``lse`` is given) and the gradients
     ``wanted`` for (hidden, weight, bias).
 
     ``loss_grad (N,)``: upstream gradient of each token's loss (None: 1 on valid rows);
-    ``lse_grad (N,)`` of each lse (None: 0); ``alpha()`` multiplies every gradient, inside the
+    ``lse_grad (N,)`` of each lse (None: 0); ``entropy``: also each token's entropy (0 on
+    ignored rows) from the statistics pass; ``top1``: also whether each target is its row's
+    first maximum (False on ignored rows); ``entropy_grads``: ``(entropy, entropy_grad)``,
+    ``(N,)`` each, the forward's entropy and its upstream gradient, whose term the
+    gradient tiles then carry; ``alpha()`` multiplies every gradient, inside the
     matmuls' float32 epilogue: it is called once, when the first gradient product is due, so
     that a wait for the device in it (the forward's label check) finds work already queued.
     Returns the losses and lse in ``dtypes.compute`` and the gradients in the dtype of their
@@ -164,14 +173,19 @@ def run_tiles(
     # masked, their gradient 0, their lse not returned), so the kernels skip their logits.
     # With a tile spanning the vocabulary it takes statistics and gradient in one launch;
     # the losses then follow for all rows at once, after the loop.
-    grads_here = lse is None and any(wanted) and loss_grad is None and lse_grad is None
+    grads_here = lse is None and any(wanted) and loss_grad is None and lse_grad is None and not (entropy or top1)
     one_launch = grads_here and len(blocks) == 1
     losses = None
     if lse is None:
         sum_logits = options.label_smoothing > 0
-        stats = RowStatistics(n, compute_dtype, device, sum_logits=sum_logits, overwritten=one_launch)
+        stats = RowStatistics(
+            n, compute_dtype, device, sum_logits=sum_logits, overwritten=one_launch, entropy=entropy, top1=top1
+        )
         losses = torch.empty(n, dtype=compute_dtype, device=device)
         lse = torch.empty(n, dtype=compute_dtype, device=device)
+    entropies = torch.empty(n, dtype=compute_dtype, device=device) if entropy else None
+    top1s = torch.empty(n, dtype=torch.bool, device=device) if top1 else None
+    forward_entropy, entropy_grad = entropy_grads if entropy_grads is not None else (None, None)
     tile = torch.empty(plan.rows * plan.cols, dtype=dtypes.logits, device=device)
     # A wider tile's gradient is rounded to the inputs' dtype for the gradient products, as
     # autograd rounds the gradient of lm_head's output.
@@ -205,6 +219,11 @@ def run_tiles(
                     logits, cols.start, queued_targets(problem), stats, rows, options, skip_ignored=grads_here
                 )
             finish_statistics(stats, problem, rows, options, losses, lse)
+            ignored = problem.targets[rows] == options.ignore_index
+            if entropies is not None:
+                entropies[rows] = stats.entropy_of(rows, lse[rows]).masked_fill_(ignored, 0.0)
+            if top1s is not None:
+                top1s[rows] = stats.is_top1(rows).masked_fill_(ignored, False)
         if not any(wanted):
             continue
         if scale is None:
@@ -216,7 +235,10 @@ def run_tiles(
                 logits = logits_tile(tile, h, weight, bias, cols)
             if not one_launch:
                 targets = queued_targets(problem)
-                write_logit_gradient(logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options)
+                write_logit_gradient(
+                    logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options,
+                    entropy=forward_entropy, entropy_grad=entropy_grad,
+                )
             if want_bias:
                 grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=scale)
             if rounded is not None:
@@ -249,4 +271,4 @@ def run_tiles(
         grad_bias = grad_bias.to(bias.dtype)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
-    return TileResults(losses, lse, grad_hidden, grad_weight, grad_bias)
+    return TileResults(losses, lse, grad_hidden, grad_weight, grad_bias, entropies, top1s)

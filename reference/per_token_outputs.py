@@ -77,18 +77,24 @@ def transformed_logits(
     return z / temperature
 
 
+def entropy(log_p: Tensor) -> Tensor:
+    """``-sum_v p_v log p_v`` over the last dimension of log-probabilities ``log_p (..., V)``:
+    the entropy, differentiable (the fused kernel computes it as ``lse - sum_v p_v z_v`` from
+    its row statistics and its gradient in the closed form of the module docstring)."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 def _row_outputs(z: Tensor, targets: Tensor) -> tuple[Tensor, ...]:
     """The five outputs of float32 logits ``z (n, V)`` and ``targets (n,)`` (see the module docstring)."""
     log_p = torch.log_softmax(z, dim=-1)
     target_z = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
     log_sum_sq_probs = torch.logsumexp(2 * log_p.detach(), dim=-1)
     mean_logits = z.detach().mean(-1)
     before = torch.arange(z.shape[-1], device=z.device) < targets.unsqueeze(-1)
     max_before = z.detach().masked_fill(~before, float("-inf")).amax(-1)
     is_top1 = (target_z.detach() >= z.detach().amax(-1)) & (target_z.detach() > max_before)
-    return log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
+    return log_probs, entropy(log_p), log_sum_sq_probs, mean_logits, is_top1
 
 
 def per_token_outputs(

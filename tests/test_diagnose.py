@@ -68,7 +68,7 @@ def test_fused_loss_quiet_when_the_patch_runs(model, padded):
 
 def test_fused_loss_fires_when_a_wrapper_replaced_the_forward(model, padded):
     fused.patch_model(model)
-    # As TRL's add_fused_lm_head does: a forward assigned after the patch, calling the class's.
+    # A forward assigned after the patch that calls the class's, skipping the patch.
     model.forward = functools.partial(type(model).forward, model)
     finding = run(fused_loss, model, padded)
     assert finding.status is Status.PROBLEM and "silently inactive" in finding.summary

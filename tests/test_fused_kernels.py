@@ -23,6 +23,7 @@ from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gra
 from fused.kernels.upstream_scale import scale_unless_one
 from problems import DEVICE, random_like
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
+from reference.per_token_outputs import entropy
 
 # On a GPU machine these run the compiled kernels on CUDA tensors; elsewhere the kernels run
 # on CPU tensors through Triton's interpreter (conftest switches it on). tests/gpu adds real
@@ -93,6 +94,55 @@ def test_gradient_of_a_vocabulary_block(name):
     tile = logits[:, cols].contiguous()
     rows = slice(0, logits.shape[0])
     write_logit_gradient(tile, cols.start, targets, lse.detach(), loss_grad, lse_grad, rows, logits.shape[1], options)
+    torch.testing.assert_close(tile, expected[:, cols], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_entropy_from_the_statistics_pass(name):
+    # Rows 7, vocabulary 70 in blocks of 33 and 37 (neither a power of two; the second
+    # rescales the first's weighted sum): lse - weighted_sum / sumexp against the
+    # reference's -sum p log p of the same transformed logits. Both sums carry the error of
+    # lse's (held to 8 ulps of max|z| + log V).
+    options = TRANSFORMS[name]
+    logits, targets = tile_problem(rows=7)
+    stats = RowStatistics(logits.shape[0], torch.float32, logits.device, sum_logits=False, entropy=True)
+    rows = slice(0, logits.shape[0])
+    for cols in (slice(0, 33), slice(33, 70)):
+        accumulate_logit_statistics(logits[:, cols].contiguous(), cols.start, targets, stats, rows, options)
+    z = transform_logits(logits, options)
+    lse = stats.max + torch.log(stats.sumexp)
+    scale = z.abs().max().item() + math.log(70)
+    expected = entropy(torch.log_softmax(z, -1))
+    torch.testing.assert_close(stats.entropy_of(rows, lse), expected, rtol=0, atol=8 * EPS32 * scale)
+
+
+def test_statistics_without_entropy_keep_no_weighted_sum():
+    stats = RowStatistics(5, torch.float32, DEVICE, sum_logits=False)
+    assert stats.weighted_sum.numel() == 1
+    with pytest.raises(ValueError, match="without entropy=True"):
+        stats.entropy_of(slice(0, 5), torch.zeros(5, device=DEVICE))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_gradient_with_the_entropy_term(name):
+    # dL/dx on columns [20, 57) of rows 7 with upstream gradients of the loss, the lse and the
+    # entropy, against autograd through the contract's transform, token_losses and the
+    # reference's entropy; an ignored row (row 1) gets no gradient from its entropy.
+    options = TRANSFORMS[name]
+    logits, targets = tile_problem(rows=7)
+    loss_grad, lse_grad, entropy_grad = random_like((3, logits.shape[0]), seed=1)
+    x = logits.clone().requires_grad_()
+    z = transform_logits(x, options)
+    losses, lse = token_losses(z, targets, options)
+    row_entropy = entropy(torch.log_softmax(z, -1)).masked_fill(targets == -100, 0.0)
+    objective = (losses * loss_grad).sum() + (lse * lse_grad).sum() + (row_entropy * entropy_grad).sum()
+    (expected,) = torch.autograd.grad(objective, x)
+    cols = slice(20, 57)
+    tile = logits[:, cols].contiguous()
+    write_logit_gradient(
+        tile, cols.start, targets, lse.detach(), loss_grad, lse_grad, slice(0, 7), logits.shape[1], options,
+        entropy=row_entropy.detach().contiguous(), entropy_grad=entropy_grad.contiguous(),
+    )
     torch.testing.assert_close(tile, expected[:, cols], rtol=1e-5, atol=2e-5 * expected.abs().max().item())
 
 

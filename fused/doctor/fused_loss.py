@@ -2,9 +2,9 @@
 
 Behavioural: one training-mode forward of the batch through the model as the training loop
 calls it, reading the patch's call counters (``fused.patch_report``) before and after. The
-fused count must move. A forward replaced after ``patch_model`` (TRL's ``add_fused_lm_head``,
-a wrapper assigned to ``model.forward``) leaves the counters still; a fallback counts and
-says why; a patch on a module the outer forward does not reach with labels stays still.
+fused count must move. A forward replaced after ``patch_model`` by one that skips the patch
+(a wrapper assigned to ``model.forward`` that calls the class's forward) leaves the counters
+still; a fallback counts and says why; a patch on a module the outer forward does not reach with labels stays still.
 """
 
 from __future__ import annotations
@@ -57,6 +57,6 @@ def check(subject: Subject) -> Finding:
         Status.PROBLEM,
         "patched, but silently inactive: the training forward did not reach the patch",
         f"{evidence}; model.forward is now {name}",
-        "something replaced the forward or calls another module after patch_model (TRL's fused head, a "
-        "wrapper): call fused.patch_model on the model the trainer calls, after the trainer is built",
+        "something replaced the forward or calls another module after patch_model (a wrapper that calls "
+        "the class's forward): call fused.patch_model on the model the trainer calls, after that wrapper is installed",
     )

@@ -26,8 +26,8 @@ from fused.hf.config import config_leaves
 from fused.hf.head import UnsupportedHead, fold_head, head_kind
 from fused.hf.report import PatchReport
 from fused.hf.transform import LogitTransform
+from fused.hf.trl import TRL_CALL, TrlHead, outer_trl_head, trl_head, unservable
 from fused.hf.trl import serve as serve_trl
-from fused.hf.trl import trl_head
 from fused.api import linear_cross_entropy
 from fused.fsdp import fsdp_gathers_head, head_layout, is_fsdp_module, run_in_fsdp_forward
 from fused.tensor_parallel import is_tensor_parallel_head, tensor_parallel_refusal
@@ -242,19 +242,21 @@ def _stock_loss(head: nn.Module, state: PatchState, capture: Capture, call: Loss
     return torch.nn.functional.cross_entropy(**arguments)
 
 
-def fused_forward(model: nn.Module, state: PatchState, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+def fused_forward(
+    model: nn.Module, state: PatchState, args: tuple, kwargs: dict, trl: TrlHead | None = None
+) -> tuple[Any, bool]:
     """One training forward, run once, and whether the fused kernel computed its loss. Where the
     call does not follow the probed wiring, the stock loss instead (decided before the forward:
     the stock forward; found at the loss: the stock loss on the captured head input), counted
-    as a fallback and warned once."""
+    as a fallback and warned once. ``trl``: the settings of a TRL forward around the patch whose
+    ``fused_lm_head=True`` call ``trl_pre_hook`` handed through."""
     reason = _unavailable(model, state)
-    if reason is None and kwargs.get("fused_lm_head"):
-        # TRL's add_fused_lm_head forward, wrapped by this patch, asked for its per-token outputs.
-        settings = trl_head(state.previous_forward)
-        output = None if settings is None else serve_trl(model, settings, state.transform, args, kwargs)
-        if output is not None:
-            return output, True
-        reason = "a TRL fused_lm_head=True call this patch cannot serve exactly (TRL's own head computed it)"
+    if trl is not None or kwargs.get("fused_lm_head"):
+        trl = trl or trl_head(state.previous_forward)  # else TRL's forward sits inside the patch
+        why = reason or unservable(trl, kwargs)
+        if why is None:
+            return serve_trl(model, trl, state.transform, args, kwargs), True
+        reason = f"a TRL fused_lm_head=True call this patch cannot serve exactly ({why})"
     if reason is not None:
         _note_fallback(model, state, reason, "the unpatched forward ran instead")
         return stock_forward(model, state)(*args, **kwargs), False
@@ -308,6 +310,30 @@ def smoothed_evaluation(model: nn.Module, state: PatchState, args: tuple, kwargs
     return (loss, *output)
 
 
+def trl_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A forward pre-hook of every patched model: a ``fused_lm_head=True`` training call to a
+    TRL forward that wraps the patch (patched before the trainer was built) is handed through
+    to the patch (``fused_lm_head=False``, which TRL passes through with the labels to the
+    forward it wraps, plus TRL's settings under ``TRL_CALL``). A call the patch cannot serve
+    exactly is left to TRL's head, counted as a fallback and warned once. Everything else
+    passes untouched, at the cost of one dictionary lookup."""
+    if not kwargs.get("fused_lm_head") or not model.training:
+        return None
+    state = vars(model).get(STATE)
+    if state is None:
+        return None
+    trl = outer_trl_head(vars(model).get("forward"))
+    inner = None if trl is None else trl.inner_forward
+    if not (isinstance(inner, PatchedForward) and inner.model is model):
+        return None  # TRL's forward inside the patch (PatchedForward serves it), or no TRL around it
+    why = _unavailable(model, state) or unservable(trl, kwargs)
+    if why is not None:
+        reason = f"a TRL fused_lm_head=True call this patch cannot serve exactly ({why})"
+        _note_fallback(model, state, reason, "TRL's own head computed it")
+        return None
+    return args, {**kwargs, "fused_lm_head": False, TRL_CALL: trl}
+
+
 class PatchedForward:
     """The ``forward`` a patched model carries. It holds only the model, so a deep copy of
     the model gets a forward bound to the copy, and shows the stock forward's signature
@@ -323,18 +349,19 @@ class PatchedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
         state: PatchState = vars(model)[STATE]
+        trl = kwargs.pop(TRL_CALL, None)  # a fused_lm_head=True training call trl_pre_hook handed through
         labels = kwargs.get("labels")
         if labels is None and args:
             if state.signature is None:
                 state.signature = inspect.signature(stock_forward(model, state))
             labels = state.signature.bind_partial(*args).arguments.get("labels")
-        if labels is not None and not model.training and state.label_smoothing:
+        if trl is None and labels is not None and not model.training and state.label_smoothing:
             count_call(state.serial, "stock")
             return smoothed_evaluation(model, state, args, kwargs)
-        if labels is None or not model.training:
+        if trl is None and (labels is None or not model.training):
             count_call(state.serial, "stock")
             return stock_forward(model, state)(*args, **kwargs)
-        output, fused = fused_forward(model, state, args, kwargs)
+        output, fused = fused_forward(model, state, args, kwargs, trl)
         if fused:
             # Here, in the frame torch.compile(model) compiles: it runs a reorderable logging
             # function after the graph only when the call sits in that frame itself.

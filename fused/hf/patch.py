@@ -28,6 +28,11 @@ The seams (``fused.hf.capture``) stay installed while the model is patched, idle
 training call, so ``torch.compile(model, fullgraph=True)`` traces a patched training forward
 in one graph.
 
+TRL's fused LM head (``add_fused_lm_head``) composes with the patch in either order: its
+``fused_lm_head=True`` training calls are served by the kernel (``fused.hf.trl``), through
+the patched forward when TRL's forward sits inside it, through a forward pre-hook the patch
+registers (``trl_pre_hook``) when TRL's forward was added around it.
+
 Models sharded by FSDP2 (``fully_shard``, before or after ``patch_model``) are patched too:
 the loss runs where FSDP2 has gathered the head's weight (``fused.fsdp``); the report's
 ``layout`` says which way.
@@ -55,10 +60,13 @@ import torch
 from torch import Tensor, nn
 
 from fused.hf.capture import CaptureError, Seams, loss_function_owners, stock_causal_lm_loss
-from fused.hf.forward import STATE, PatchedForward, PatchState, count_call, fingerprint, fused_forward, sharded_head_parameter
+from fused.hf.forward import (
+    STATE, PatchedForward, PatchState, count_call, fingerprint, fused_forward, sharded_head_parameter, trl_pre_hook
+)
 from fused.hf.head import UnsupportedHead, head_kind
 from fused.hf.probe import ProbeRefusal, observe_wiring, probe_inputs, probe_labels, probing, verify
 from fused.hf.report import PatchCalls, PatchReport
+from fused.hf.trl import FIRST_SERVED_TRL, old_trl
 from fused.fsdp import head_layout, is_fsdp_module, through_module_call
 from fused.tensor_parallel import is_tensor_parallel_head, unsharded_head_forward
 from fused.fsdp import fsdp_gathers_head
@@ -94,6 +102,15 @@ def _examine(
     model: nn.Module, example_inputs: dict[str, Any] | None, seed: int
 ) -> tuple[PatchReport, PatchState | None]:
     """Probe ``model``: its report, with the state to install when it can be patched."""
+    old = old_trl()
+    if old is not None:
+        return _refuse(
+            model,
+            f"TRL {old} is installed: its trainers read outputs.logits of training calls with labels "
+            "(SFTTrainer's token accuracy and entropy) and its loss_type='chunked_nll' reads "
+            "model.forward.__func__, where a patched model gives logits=None and a forward object; "
+            f"TRL >= {FIRST_SERVED_TRL} is served by the patch (pip install 'trl>={FIRST_SERVED_TRL}')",
+        )
     for needed in ("config", "get_output_embeddings", "get_input_embeddings", "loss_function"):
         if not hasattr(model, needed):
             return _refuse(model, f"not a transformers model: it has no {needed}")
@@ -212,6 +229,9 @@ def patch_model(
     ``memory_budget``: bytes of extra memory the loss may use beyond its gradients
     (``fused.linear_cross_entropy``'s knob; None keeps the kernel's default, 512 MiB).
 
+    Refused while a TRL older than 1.15 is installed: its trainers read the logits the patch
+    leaves out (``fused.hf.trl.old_trl``).
+
     Idempotent: a patched model returns its existing report; a ``memory_budget`` given then
     replaces the one in use. A refused model is untouched.
     """
@@ -230,6 +250,7 @@ def patch_model(
     vars(target)[STATE] = state
     target.forward = PatchedForward(target)
     target.accepts_loss_kwargs = report.accepts_loss_kwargs
+    target.register_forward_pre_hook(trl_pre_hook, with_kwargs=True)  # TRL's head added after the patch
     return report
 
 
@@ -258,6 +279,9 @@ def unpatch_model(model: nn.Module) -> bool:
         )
     state = vars(target).pop(STATE)
     state.seams.remove()
+    for key in [key for key, hook in target._forward_pre_hooks.items() if hook is trl_pre_hook]:
+        del target._forward_pre_hooks[key]
+        target._forward_pre_hooks_with_kwargs.pop(key, None)
     if state.previous_forward is None:
         vars(target).pop("forward", None)
     else:

@@ -4,8 +4,12 @@ For a row ``i`` with target ``y``, log-sum-exp ``lse`` (final, from the statisti
 upstream gradient ``g`` of its loss (0 on ignored rows) and ``h`` of its lse:
 
     dL/dz_j = (g * (1 + 2 * z_loss * lse) + h) * p_j - g * (1 - eps) * [j == y] - g * eps / V
+            + e * p_j * (lse - z_j - H)
 
-with ``p_j = exp(z_j - lse)``, then times ``dz/dx`` of the transforms. The
+with ``p_j = exp(z_j - lse)``, then times ``dz/dx`` of the transforms. The last term is the
+gradient of the row's entropy ``H`` (``reference.per_token_outputs``) for an upstream
+gradient ``e`` of it, only when asked (``HAS_ENTROPY_GRAD``): without it the kernel is the
+one it was. The
 kernel recomputes ``z`` from the raw logits in the tile, does the arithmetic in float32 (or
 float64) and stores ``dL/dx`` in the tile's own dtype, in place: the tile then feeds the
 ``grad_hidden`` and ``grad_weight`` matmuls.
@@ -22,12 +26,14 @@ from reference.linear_cross_entropy import LossOptions
 
 @triton.jit
 def row_gradient(
-    logits_row, n_cols, target_col, lse, g, h, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
-    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_row, n_cols, target_col, lse, g, h, entropy, e, label_smoothing, z_loss, vocab_size, logit_scale,
+    softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Overwrite one row's ``n_cols`` raw logits at ``logits_row`` with ``dL/dx``, given the
-    row's final ``lse``, the upstream gradient ``g`` of its loss (0 if ignored) and ``h`` of
-    its lse (all in the compute dtype)."""
+    row's final ``lse``, the upstream gradient ``g`` of its loss (0 if ignored), ``h`` of its
+    lse and, with ``HAS_ENTROPY_GRAD``, its ``entropy`` and the upstream gradient ``e`` of it
+    (all in the compute dtype)."""
     coef_p = g * (1.0 + 2.0 * z_loss * lse) + h
     coef_target = g * (1.0 - label_smoothing)
     coef_uniform = g * label_smoothing / vocab_size
@@ -38,6 +44,8 @@ def row_gradient(
         z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         p = tl.exp(z - lse)
         dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
+        if HAS_ENTROPY_GRAD:
+            dz += e * p * (lse - entropy - z)
         tl.store(logits_row + cols, (dz * slope).to(logits_row.dtype.element_ty), mask=in_row)
 
 
@@ -54,9 +62,9 @@ def zero_row(logits_row, n_cols, BLOCK_V: tl.constexpr):
 @triton.jit
 def logit_gradient_kernel(
     logits_ptr, row_stride, n_cols, col_offset,
-    targets_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride, lse_grad_ptr,
+    targets_ptr, lse_ptr, loss_grad_ptr, loss_grad_stride, lse_grad_ptr, entropy_ptr, entropy_grad_ptr,
     ignore_index, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
-    HAS_LOSS_GRAD: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
+    HAS_LOSS_GRAD: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -80,9 +88,14 @@ def logit_gradient_kernel(
     h = tl.full((), 0.0, lse.dtype)
     if HAS_LSE_GRAD:
         h = tl.load(lse_grad_ptr + row).to(lse.dtype)
+    entropy = tl.full((), 0.0, lse.dtype)
+    e = tl.full((), 0.0, lse.dtype)
+    if HAS_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + row).to(lse.dtype)
+        e = tl.where(target != ignore_index, tl.load(entropy_grad_ptr + row).to(lse.dtype), 0.0)
     row_gradient(
-        logits_row, n_cols, target - col_offset, lse, g, h,
-        label_smoothing, z_loss, vocab_size, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
+        logits_row, n_cols, target - col_offset, lse, g, h, entropy, e,
+        label_smoothing, z_loss, vocab_size, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, HAS_ENTROPY_GRAD, BLOCK_V,
     )
 
 
@@ -96,6 +109,9 @@ def write_logit_gradient(
     rows: slice,
     vocab_size: int,
     options: LossOptions,
+    *,
+    entropy: Tensor | None = None,
+    entropy_grad: Tensor | None = None,
 ) -> None:
     """Overwrite the raw logits of one tile with ``dL/dx``.
 
@@ -103,16 +119,24 @@ def write_logit_gradient(
     contiguous rows. ``targets (N,)`` int64 and ``lse (N,)`` (float32 or float64) of all
     rows. ``loss_grad``: ``(N,)`` upstream gradient of each row's loss (any stride, 0 for a
     broadcast scalar), or None for 1. ``lse_grad``: ``(N,)`` contiguous, or None for 0.
+    ``entropy`` and ``entropy_grad``: ``(N,)`` contiguous, each row's entropy and the
+    upstream gradient of it, both or neither (None: no entropy term).
     """
+    if (entropy is None) != (entropy_grad is None):
+        raise ValueError("write_logit_gradient: give entropy and entropy_grad together")
     # An absent gradient's pointer is never read (its HAS_ flag is off): pass any tensor.
     loss_grad_rows = loss_grad[rows] if loss_grad is not None else lse
     lse_grad_rows = lse_grad[rows] if lse_grad is not None else lse
+    entropy_rows = entropy[rows] if entropy is not None else lse
+    entropy_grad_rows = entropy_grad[rows] if entropy_grad is not None else lse
     logit_gradient_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1], col_offset,
         targets[rows], lse[rows], loss_grad_rows, loss_grad_rows.stride(0), lse_grad_rows,
+        entropy_rows, entropy_grad_rows,
         options.ignore_index, options.label_smoothing, options.z_loss, vocab_size,
         options.logit_scale or 1.0, options.softcap or 1.0,
         HAS_LOSS_GRAD=loss_grad is not None, HAS_LSE_GRAD=lse_grad is not None,
+        HAS_ENTROPY_GRAD=entropy_grad is not None,
         HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,
         **row_kernel_launch(logits.shape[1]),
     )

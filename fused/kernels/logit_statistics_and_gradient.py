@@ -22,7 +22,7 @@ from reference.linear_cross_entropy import LossOptions
 @triton.jit
 def logit_statistics_and_gradient_kernel(
     logits_ptr, row_stride, n_cols,
-    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, lse_ptr,
+    targets_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, weighted_sum_ptr, max_before_ptr, lse_ptr,
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SUM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -42,9 +42,9 @@ def logit_statistics_and_gradient_kernel(
         tl.store(lse_ptr + row, float("-inf"))
         zero_row(logits_row, n_cols, BLOCK_V)
         return
-    running_max, sumexp, target_logit, logit_sum = row_statistics(
+    running_max, sumexp, target_logit, logit_sum, _, _ = row_statistics(
         logits_row, n_cols, target, logit_scale, softcap, tl.full((), float("-inf"), dtype), zero, zero, zero,
-        HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, BLOCK_V,
+        zero, zero, HAS_SCALE, HAS_SOFTCAP, SUM_LOGITS, False, False, BLOCK_V,
     )
     lse = running_max + tl.log(sumexp)
     tl.store(max_ptr + row, running_max)
@@ -54,8 +54,8 @@ def logit_statistics_and_gradient_kernel(
         tl.store(logit_sum_ptr + row, logit_sum)
     tl.store(lse_ptr + row, lse)
     row_gradient(
-        logits_row, n_cols, target, lse, tl.full((), 1.0, dtype), zero, label_smoothing, z_loss, n_cols,
-        logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, BLOCK_V,
+        logits_row, n_cols, target, lse, tl.full((), 1.0, dtype), zero, zero, zero, label_smoothing, z_loss, n_cols,
+        logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, False, BLOCK_V,
     )
 
 
@@ -68,11 +68,14 @@ def write_statistics_and_gradient(
     (``lse = -inf``).
 
     ``logits (r, V)``: raw logits of rows ``rows``, contiguous rows; ``targets (N,)`` int64,
-    ``stats`` and ``lse (N,)`` (float32 or float64) of all rows.
+    ``stats`` and ``lse (N,)`` (float32 or float64) of all rows, kept without entropy (whose
+    gradient needs the final statistics first) nor top1.
     """
+    if stats.entropy or stats.top1:
+        raise ValueError("write_statistics_and_gradient: keeps no per-token statistics (entropy, top1)")
     logit_statistics_and_gradient_kernel[(logits.shape[0],)](
         logits, logits.stride(0), logits.shape[1],
-        targets[rows], *stats.rows(rows), lse[rows],
+        targets[rows], *stats.rows(rows), *stats.per_token_rows(rows), lse[rows],
         options.ignore_index, options.label_smoothing, options.z_loss,
         options.logit_scale or 1.0, options.softcap or 1.0,
         HAS_SCALE=options.logit_scale is not None, HAS_SOFTCAP=options.softcap is not None,

@@ -1,0 +1,91 @@
+"""fused.per_token.token_outputs on the Triton kernels (the interpreter on CPU) against
+reference.per_token_outputs, float32, on an irregular shape: 37 rows (two ignored) of 16
+features against 101 vocabulary entries, tiles of 16 rows by 40 columns (three vocabulary
+blocks, the last partial; three row chunks, the last partial), with and without the
+transforms. Values within rtol 1e-5 / atol 1e-5 (the entropy's sums run in another order),
+is_top1 exactly (rows whose target is their argmax; and a tie, two equal vocabulary entries
+in different blocks, which the first maximum's rule decides), gradients of
+``sum(a * log_probs + b * entropy)`` for random ``a``, ``b`` within rtol 1e-4 / atol 1e-6, as
+tests/test_per_token_outputs.py holds TRL's head to the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fused.per_token
+from fused.plan import tile_plan
+from reference.per_token_outputs import per_token_outputs, per_token_transform
+
+N, D, V = 37, 16, 101
+SETTINGS = {"plain": (1.0, None, 1.0), "temperature-softcap-scale": (1.3, 3.0, 0.8)}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(fused.per_token, "tile_plan", functools.partial(tile_plan, chunk_size=16, vocab_chunk_size=40))
+
+
+def problem(tie: bool = False):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, D, generator=generator).requires_grad_()
+    weight = (torch.randn(V, D, generator=generator) * 0.5).requires_grad_()
+    bias = torch.randn(V, generator=generator).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=generator)
+    with torch.no_grad():
+        targets[14:20] = (hidden[14:20] @ weight.T + bias).argmax(-1)  # top-1
+        if tie:
+            weight[7], bias[7] = weight[60], bias[60]  # a tie across vocabulary blocks
+            hidden[10:14] = 4 * weight[60]  # rows whose maximum is that tie
+            targets[10:12], targets[12:14] = 60, 7  # the later of the tie (not top-1), the first (top-1)
+    targets[[3, 20]] = -100
+    upstream = torch.randn(2, N, generator=generator)
+    return hidden, weight, bias, targets, upstream
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_kernel_token_outputs_match_the_reference(small_tiles, setting):
+    temperature, softcap, logit_scale = SETTINGS[setting]
+    hidden, weight, bias, targets, (a, b) = problem()
+    scale, cap = per_token_transform(temperature, softcap, logit_scale)
+    found = fused.per_token.token_outputs(
+        hidden, weight, targets, bias=bias, logit_scale=scale, softcap=cap, top1=True, backend="triton"
+    )
+    log_probs, entropy, is_top1 = found["log_probs"], found["entropy"], found["is_top1"]
+    valid = targets != -100
+    expected = per_token_outputs(
+        hidden[valid], weight, targets[valid], bias, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, outputs=("log_probs", "entropy", "is_top1"),
+    )
+    torch.testing.assert_close(log_probs[valid], expected.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[valid], expected.entropy, rtol=1e-5, atol=1e-5)
+    assert torch.equal(is_top1[valid], expected.is_top1) and is_top1[14:20].all()
+    assert log_probs[~valid].eq(0).all() and entropy[~valid].eq(0).all() and not is_top1[~valid].any()
+    inputs = (hidden, weight, bias)
+    got = torch.autograd.grad((a * log_probs).sum() + (b * entropy).sum(), inputs)
+    want = torch.autograd.grad((a[valid] * expected.log_probs).sum() + (b[valid] * expected.entropy).sum(), inputs)
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_is_top1_takes_the_first_of_a_tie(small_tiles):
+    # Vocabulary entries 7 and 60 equal (in different blocks) and the largest of rows 10-13:
+    # 7 is the first maximum, as argmax and the reference decide it.
+    hidden, weight, bias, targets, _ = problem(tie=True)
+    is_top1 = fused.per_token.token_outputs(hidden, weight, targets, bias=bias, top1=True, backend="triton")["is_top1"]
+    valid = targets != -100
+    expected = per_token_outputs(hidden[valid], weight, targets[valid], bias, outputs=("is_top1",)).is_top1
+    assert torch.equal(is_top1[valid], expected)
+    assert is_top1[12:14].all() and not is_top1[10:12].any()
+
+
+def test_the_reference_backend_is_the_reference():
+    hidden, weight, bias, targets, _ = problem()
+    found = fused.per_token.token_outputs(hidden, weight, targets, bias=bias, top1=True, backend="reference")
+    valid = targets != -100
+    names = ("log_probs", "entropy", "is_top1")
+    expected = per_token_outputs(hidden[valid], weight, targets[valid], bias, outputs=names)
+    for name in names:
+        assert torch.equal(found[name][valid], getattr(expected, name)), name
