@@ -17,6 +17,7 @@ import torch
 
 import fused.per_token
 from fused.plan import tile_plan
+from problems import DEVICE
 from reference.per_token_outputs import per_token_outputs, per_token_transform
 
 N, D, V = 37, 16, 101
@@ -29,20 +30,21 @@ def small_tiles(monkeypatch):
 
 
 def problem(tie: bool = False):
+    """Drawn on the CPU from one seed, then placed where the kernels run (``DEVICE``)."""
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(N, D, generator=generator).requires_grad_()
-    weight = (torch.randn(V, D, generator=generator) * 0.5).requires_grad_()
-    bias = torch.randn(V, generator=generator).requires_grad_()
+    hidden = torch.randn(N, D, generator=generator)
+    weight = torch.randn(V, D, generator=generator) * 0.5
+    bias = torch.randn(V, generator=generator)
     targets = torch.randint(0, V, (N,), generator=generator)
-    with torch.no_grad():
-        targets[14:20] = (hidden[14:20] @ weight.T + bias).argmax(-1)  # top-1
-        if tie:
-            weight[7], bias[7] = weight[60], bias[60]  # a tie across vocabulary blocks
-            hidden[10:14] = 4 * weight[60]  # rows whose maximum is that tie
-            targets[10:12], targets[12:14] = 60, 7  # the later of the tie (not top-1), the first (top-1)
+    targets[14:20] = (hidden[14:20] @ weight.T + bias).argmax(-1)  # top-1
+    if tie:
+        weight[7], bias[7] = weight[60], bias[60]  # a tie across vocabulary blocks
+        hidden[10:14] = 4 * weight[60]  # rows whose maximum is that tie
+        targets[10:12], targets[12:14] = 60, 7  # the later of the tie (not top-1), the first (top-1)
     targets[[3, 20]] = -100
     upstream = torch.randn(2, N, generator=generator)
-    return hidden, weight, bias, targets, upstream
+    hidden, weight, bias = (t.to(DEVICE).requires_grad_() for t in (hidden, weight, bias))
+    return hidden, weight, bias, targets.to(DEVICE), upstream.to(DEVICE)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
