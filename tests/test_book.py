@@ -251,6 +251,7 @@ class PageReport:
     math_errors: int = 0
     bad_images: list[str] = field(default_factory=list)
     images: int = 0
+    overflowing_code: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     next_page: str | None = None
     screenshot: Path | None = None
@@ -288,6 +289,12 @@ def browser():
         yield chromium
         chromium.close()
 
+
+# The code and output blocks of notebook cells wider than their box (a line the reader must
+# scroll to see), each named by its first 60 characters.
+_OVERFLOWING_CODE = """() => Array.from(document.querySelectorAll('div.cell pre'))
+    .filter(pre => pre.scrollWidth > pre.clientWidth)
+    .map(pre => pre.textContent.trim().slice(0, 60))"""
 
 _READ_PAGE = """() => ({
     math: document.querySelectorAll('.math').length,
@@ -344,6 +351,7 @@ def _visit(context, url: str, origin: str) -> PageReport:
     report.math_errors = seen["mathErrors"]
     report.images = len(seen["images"])
     report.bad_images = [i["src"] for i in seen["images"] if not (i["w"] > 0 and i["h"] > 0)]
+    report.overflowing_code = page.evaluate(_OVERFLOWING_CODE)
     report.links = [urldefrag(link).url for link in seen["links"]]
     report.next_page = urldefrag(seen["next"]).url if seen["next"] else None
     name = urlsplit(url).path.strip("/").replace("/", "__") or "index"
@@ -453,3 +461,29 @@ def test_notebook_figures_are_on_their_pages(server, crawl):
 def test_every_page_has_a_screenshot(crawl):
     for report in crawl.values():
         assert report.screenshot.is_file() and report.screenshot.stat().st_size > 0
+
+
+def test_notebook_code_fits_the_column(server, crawl):
+    # Printed library source and a few f-strings run past the ~105 characters the column
+    # shows at 1280 px; book/_static/code_width.css wraps them instead of scrolling.
+    pages = [urljoin(server, _page_name(nb)) for nb in _notebooks()]
+    overflowing = {url: crawl[url].overflowing_code for url in pages if crawl[url].overflowing_code}
+    assert not overflowing, f"code or output blocks that scroll sideways: {overflowing}"
+
+
+def test_overflow_check_sees_a_wide_line(browser):
+    # The check itself, on a cell as myst-nb writes it: a 200-character line scrolls in a
+    # 600 px column without the book's stylesheet and wraps with it.
+    line = "x = " + " + ".join(["value"] * 40)
+    cell = (
+        '<div style="width: 600px"><div class="cell"><div class="cell_output">'
+        f'<div class="output highlight-python"><div class="highlight"><pre>{line}</pre></div></div>'
+        "</div></div></div>"
+    )
+    page = browser.new_page()
+    page.set_content(cell)
+    assert page.evaluate(_OVERFLOWING_CODE) == [line[:60]]
+    css = (BOOK / "_static" / "code_width.css").read_text()
+    page.set_content(f"<style>{css}</style>{cell}")
+    assert page.evaluate(_OVERFLOWING_CODE) == []
+    page.close()
