@@ -21,6 +21,7 @@ sums in another order than torch's cross entropy, and over the shards and then t
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -115,13 +116,11 @@ def _transformers_tensor_parallel(folder: str, batch: dict) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``runs(world_size)``: every rank's results, one process group per rank count."""
-    done = {}
 
+    @functools.cache
     def results(world_size: int) -> list[dict]:
-        if world_size not in done:
-            folder = str(tmp_path_factory.mktemp(f"tensor_parallel_{world_size}"))
-            done[world_size] = run_ranks(_tensor_parallel_runs, world_size, LAYOUTS, folder)
-        return done[world_size]
+        folder = str(tmp_path_factory.mktemp(f"tensor_parallel_{world_size}"))
+        return run_ranks(_tensor_parallel_runs, world_size, LAYOUTS, folder)
 
     return results
 

@@ -18,6 +18,7 @@ every rank, well within the collective timeout, and leave the group usable.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -115,12 +116,10 @@ def runs():
     """``runs(world_size)``: every rank's results, one process group per rank count for the
     whole module (spawning costs seconds on a 2-core machine; the 2-rank group also runs the
     bad inputs)."""
-    done = {}
 
+    @functools.cache
     def results(world_size: int) -> list[dict]:
-        if world_size not in done:
-            done[world_size] = run_ranks(_run_cases, world_size, CASES, world_size == 2)
-        return done[world_size]
+        return run_ranks(_run_cases, world_size, CASES, world_size == 2)
 
     return results
 
