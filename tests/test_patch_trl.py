@@ -190,6 +190,28 @@ def _tokenizer():
     return tokenizer
 
 
+# What every trainer below shares: SGD (Adam turns rounding noise in near-zero gradients into
+# lr-sized steps), on the CPU, a log entry per step.
+TRAINING = dict(
+    learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+    disable_tqdm=True, seed=0,
+)
+
+
+def _train(build_trainer, patch: str | None):
+    """Build a trainer around a fresh tiny Llama, patched before (TRL's head then wraps the
+    patch) or after (the patch wraps TRL's head) or not at all, and train it: the trained
+    model, the logged entries and the patch's report."""
+    model = llama()
+    report = patch_model(model) if patch == "before" else None
+    trainer = build_trainer(model)
+    if patch == "after":
+        report = patch_model(trainer.model)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer.model, logged, report
+
+
 def _sft(tmp_path, patch: str | None):
     from trl import SFTConfig, SFTTrainer
 
@@ -197,18 +219,12 @@ def _sft(tmp_path, patch: str | None):
 
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-        disable_tqdm=True, seed=0,
+        **TRAINING,
     )
     dataset = tiny_lm_dataset().remove_columns(["labels"])
-    model = llama()
-    report = patch_model(model) if patch == "before" else None  # TRL's head will wrap the patch
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=_tokenizer())
-    if patch == "after":  # the patch wraps TRL's head
-        report = patch_model(trainer.model)
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return trainer.model, logged, report
+    return _train(
+        lambda model: SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=_tokenizer()), patch
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -250,19 +266,14 @@ def _dpo(tmp_path, patch: str | None):
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     args = DPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-        disable_tqdm=True, seed=0,
+        **TRAINING,
     )
-    model = llama()
-    report = patch_model(model) if patch == "before" else None
-    trainer = DPOTrainer(
-        model=model, ref_model=llama(), args=args, train_dataset=_preference_data(), processing_class=tokenizer
+    return _train(
+        lambda model: DPOTrainer(
+            model=model, ref_model=llama(), args=args, train_dataset=_preference_data(), processing_class=tokenizer
+        ),
+        patch,
     )
-    if patch == "after":
-        report = patch_model(trainer.model)
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return trainer.model, logged, report
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -293,20 +304,15 @@ def _grpo(tmp_path, patch: str | None, bf16: bool):
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     args = GRPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=4, learning_rate=1e-2, optim="sgd", report_to=[], use_cpu=True, save_strategy="no",
-        logging_steps=1, disable_tqdm=True, seed=0, bf16=bf16,
+        max_completion_length=4, bf16=bf16, **TRAINING,
     )
     dataset = Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9 t10"] * 4})
-    model = llama()
-    report = patch_model(model) if patch == "before" else None
-    trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    return _train(
+        lambda model: GRPOTrainer(
+            model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+        ),
+        patch,
     )
-    if patch == "after":
-        report = patch_model(trainer.model)
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return trainer.model, logged, report
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
