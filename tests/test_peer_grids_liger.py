@@ -383,6 +383,13 @@ def _flce_case(request, backend, shape, dtype, atol, rtol, *, has_bias, seed=0, 
 FLCE_OPTIONS = [together(False, 0, -100, 0, None, False, None), together(True, 0.1, 42, 1e-4, 30.0, True, FP32)]
 
 
+# Liger's test_flce_correctness grid, which its forward-only twin shares.
+FLCE_ARGS = (
+    "B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight, label_smoothing, ignore_index, lse_square_scale, "
+    "softcap, return_z_loss, accum_dtype"
+)
+
+
 def _flce_options(has_ce_weight, label_smoothing, ignore_index, lse_square_scale, softcap, return_z_loss):
     kind = "documented" if has_ce_weight else "peer"
     return kind, dict(label_smoothing=label_smoothing, ignore_index=ignore_index, z_loss=lse_square_scale,
@@ -391,10 +398,8 @@ def _flce_options(has_ce_weight, label_smoothing, ignore_index, lse_square_scale
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight, label_smoothing, ignore_index, lse_square_scale, "
-    "softcap, return_z_loss, accum_dtype",
-    cases("B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight, label_smoothing, ignore_index, "
-          "lse_square_scale, softcap, return_z_loss, accum_dtype", FLCE_SHAPES, FLCE_TOL, [True, False], FLCE_OPTIONS,
+    FLCE_ARGS,
+    cases(FLCE_ARGS, FLCE_SHAPES, FLCE_TOL, [True, False], FLCE_OPTIONS,
           default=lambda b, t, h, v, red, dtype, a, r, bias, cw, *_: (
               b == 4 and bias and red == "mean" and dtype == BF16 and cw)),
 )
@@ -408,10 +413,8 @@ def test_flce_correctness(request, backend, B, T, H, V, reduction, dtype, atol, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight, label_smoothing, ignore_index, lse_square_scale, "
-    "softcap, return_z_loss, accum_dtype",
-    cases("B, T, H, V, reduction, dtype, atol, rtol, bias, has_ce_weight, label_smoothing, ignore_index, "
-          "lse_square_scale, softcap, return_z_loss, accum_dtype", FLCE_SHAPES, FLCE_TOL, [True, False], FLCE_OPTIONS,
+    FLCE_ARGS,
+    cases(FLCE_ARGS, FLCE_SHAPES, FLCE_TOL, [True, False], FLCE_OPTIONS,
           default=lambda b, t, h, v, red, dtype, a, r, bias, cw, *_: b == 4 and not bias and red == "sum" and cw),
 )
 def test_flce_correctness_with_forward_only(request, backend, B, T, H, V, reduction, dtype, atol, rtol, bias,
