@@ -214,7 +214,7 @@ def _forward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     alpha = functools.partial(_forward_gradient_scale, problem, inputs)
     dtypes = _tile_dtypes(problem, inputs)
     run = functools.partial(run_tiles, problem, options, dtypes=dtypes, wanted=inputs.wanted())
-    plan = _plan(problem, inputs, dtypes, _pass_name(inputs, backward=False), lambda p: run(plan=p))
+    plan = _plan(problem, inputs, dtypes, _pass_name(inputs, backward=False), run)
     out = run(plan=plan, alpha=alpha)
     # Nothing computed from bad labels leaves the op: without gradients nothing has read them yet.
     problem.label_check.read()
@@ -270,7 +270,7 @@ def _backward(*args) -> tuple[Tensor, Tensor, Tensor]:
         wanted=inputs.wanted(),
     )
     pass_name = _pass_name(inputs, backward=True, lse_grad=upstream.lse_grad is not None)
-    out = run(plan=_plan(problem, inputs, dtypes, pass_name, lambda p: run(plan=p)))
+    out = run(plan=_plan(problem, inputs, dtypes, pass_name, run))
     return _gradients_out(out, inputs)
 
 
