@@ -14,7 +14,9 @@ plan of "all rows" stands for every token count of its bucket.
 - First call of a kind: each candidate (ten at most) runs once to warm up and once or twice
   timed; the three fastest run twice more, and the least time decides. At most
   ``3 * candidates + 6`` runs of the loss, each within the budget's memory: on an H200, 0.2 to
-  3 seconds at the benchmark's shapes (``results/``).
+  3 seconds at the benchmark's shapes (``results/``). For 16-bit inputs the epilogue plans of
+  the three fastest row counts (``TilePlan.epilogue``) are timed after them, the same way:
+  up to 15 runs more.
 - A larger budget never chooses a slower plan: the choice is the fastest of every measured
   plan that fits, a superset of what fits a smaller budget.
 - One plan's results are bitwise deterministic. Plans differ in rounding (``grad_weight`` is
@@ -75,13 +77,18 @@ def problem_kind(sizes: PlanSizes, device: torch.device, dtypes: tuple[torch.dty
     )
 
 
+# Suffix of an epilogue plan's name ("allx128256+epilogue").
+EPILOGUE_SUFFIX = "+epilogue"
+
+
 def _plan_text(plan: TilePlan, n_rows: int) -> str:
-    return f"{'all' if plan.rows >= n_rows else plan.rows}x{plan.cols}"
+    return f"{'all' if plan.rows >= n_rows else plan.rows}x{plan.cols}{EPILOGUE_SUFFIX if plan.epilogue else ''}"
 
 
 def _plan_from_text(text: str, n_rows: int) -> TilePlan:
-    rows, cols = text.split("x")
-    return TilePlan(rows=n_rows if rows == "all" else min(int(rows), n_rows), cols=int(cols))
+    epilogue = text.endswith(EPILOGUE_SUFFIX)
+    rows, cols = text.removesuffix(EPILOGUE_SUFFIX).split("x")
+    return TilePlan(rows=n_rows if rows == "all" else min(int(rows), n_rows), cols=int(cols), epilogue=epilogue)
 
 
 class PlanTimings:
@@ -157,10 +164,15 @@ def time_plans(plans: list[TilePlan], run: Callable[[TilePlan], object]) -> dict
     return ms
 
 
-def measured_plan(sizes: PlanSizes, budget: int, kind: ProblemKind, run: Callable[[TilePlan], object]) -> TilePlan:
+def measured_plan(
+    sizes: PlanSizes, budget: int, kind: ProblemKind, run: Callable[[TilePlan], object], *, epilogue: bool = False
+) -> TilePlan:
     """The fastest measured plan within ``budget`` bytes for a problem of ``sizes`` and
     ``kind``; ``run(plan)`` runs the pass with a plan, for timing the candidates not yet
-    measured. Raises ``ValueError`` (``plan_for_budget``'s) if no plan fits."""
+    measured. The candidates are ``candidate_plans``; with ``epilogue``, also the epilogue
+    plans of the ``FINALISTS`` fastest candidates' row counts, timed after them (an epilogue
+    plan replaces the row kernels of a tile, so it can only win where the tile's rows
+    already do well). Raises ``ValueError`` (``plan_for_budget``'s) if no plan fits."""
     timings = plan_timings()
     key = (kind, sizes, budget)
     if (plan := _chosen.get(key)) is not None:
@@ -169,12 +181,21 @@ def measured_plan(sizes: PlanSizes, budget: int, kind: ProblemKind, run: Callabl
     if not candidates:
         plan_for_budget(sizes, budget)  # raises, naming the least memory that would do
     measured = timings.of(kind, sizes.n_rows)
-    if untimed := [p for p in candidates if p not in measured]:
-        new = time_plans(untimed, run)
-        timings.record(kind, sizes.n_rows, new)
-        measured.update(new)
-        _chosen.clear()
-    fitting = [p for p in measured if sizes.plan_bytes(p) <= budget]
+
+    def time_untimed(plans: list[TilePlan]) -> None:
+        if untimed := [p for p in plans if p not in measured]:
+            new = time_plans(untimed, run)
+            timings.record(kind, sizes.n_rows, new)
+            measured.update(new)
+            _chosen.clear()
+
+    time_untimed(candidates)
+    if epilogue:
+        finalist_rows = {p.rows for p in sorted(candidates, key=measured.__getitem__)[:FINALISTS]}
+        time_untimed([
+            p for p in candidate_plans(sizes, budget, epilogue=True) if p.epilogue and p.rows in finalist_rows
+        ])
+    fitting = [p for p in measured if sizes.plan_bytes(p) <= budget and (epilogue or not p.epilogue)]
     # Ties go to the larger tile, then the fewer rows: a deterministic order.
     plan = min(fitting, key=lambda p: (measured[p], -p.rows * p.cols, p.rows))
     _chosen[key] = plan

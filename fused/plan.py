@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from fused.kernels.logits_product import PARTIAL_COLUMNS, PARTIAL_STATISTICS
+
 # At most this many tokens share one tile; more tokens means several row chunks, whose
 # weight gradients add up in the inputs' dtype (see TilePlan).
 MAX_CHUNK_ROWS = 16384
@@ -56,10 +58,16 @@ class TilePlan:
     recomputes each block (a fourth matmul) and ``grad_hidden`` of a row chunk is summed over
     blocks in a float32 accumulator. Several row chunks (``rows < N``) sum ``grad_weight``
     over chunks in the inputs' dtype, one rounding per chunk.
+
+    ``epilogue``: the logits product is a Triton matmul that computes the row statistics (and
+    where the final ``lse`` is known, the gradient) in its epilogue
+    (``fused.kernels.logits_product``), instead of cuBLAS followed by the row kernels; it holds
+    a buffer of partial statistics beside the tile.
     """
 
     rows: int
     cols: int
+    epilogue: bool = False
 
 
 def chunk_rows(n_rows: int, max_rows: int) -> int:
@@ -132,14 +140,23 @@ class PlanSizes:
         cut into blocks only)."""
         return plan.rows * self.hidden_dim * 4 if plan.cols < self.vocab and self.itemsize < 4 else 0
 
+    def partial_bytes(self, plan: TilePlan) -> int:
+        """The partial statistics of an ``epilogue`` plan's tile: ``PARTIAL_STATISTICS``
+        numbers in the statistics' dtype per row and ``PARTIAL_COLUMNS`` columns."""
+        if not plan.epilogue:
+            return 0
+        return PARTIAL_STATISTICS * plan.rows * triton.cdiv(plan.cols, PARTIAL_COLUMNS) * self.compute_itemsize
+
     def plan_bytes(self, plan: TilePlan) -> int:
         """Extra memory of ``plan`` beyond the inputs and the returned gradients: the tile
         (``tile_bytes_per_logit`` a logit, each buffer as the CUDA allocator holds it), the
-        ``grad_hidden`` accumulator and ``fixed_bytes``."""
+        ``grad_hidden`` accumulator, an ``epilogue`` plan's partial statistics and
+        ``fixed_bytes``."""
         tile = plan.rows * plan.cols
         logits = self.logits_itemsize or self.itemsize
         rounded = held_bytes(tile * self.itemsize) if logits != self.itemsize else 0
-        return held_bytes(tile * logits) + rounded + held_bytes(self.accumulator_bytes(plan)) + self.fixed_bytes()
+        extra = held_bytes(self.accumulator_bytes(plan)) + held_bytes(self.partial_bytes(plan))
+        return held_bytes(tile * logits) + rounded + extra + self.fixed_bytes()
 
 
 def plan_for_budget(sizes: PlanSizes, budget_bytes: int) -> TilePlan:
@@ -193,13 +210,13 @@ def budget_bytes(sizes: PlanSizes, memory_budget: int | None) -> int:
 MIN_CANDIDATE_ROWS = 256
 
 
-def candidate_plans(sizes: PlanSizes, budget: int) -> list[TilePlan]:
+def candidate_plans(sizes: PlanSizes, budget: int, *, epilogue: bool = False) -> list[TilePlan]:
     """The plans worth timing within ``budget`` bytes: for each row count (every power of two
     from ``MIN_CANDIDATE_ROWS`` below ``n_rows``, ``FEW_WHOLE_VOCABULARY_ROWS`` and the
     row chunk of ``chunk_rows``) the widest tile that fits, of the whole vocabulary or of equal
     blocks no narrower than ``MIN_BUDGET_COLS`` (a wider tile of the same rows does the same
-    work in fewer launches and fewer ``grad_hidden`` passes); and ``plan_for_budget``'s
-    choice. By rows; empty if nothing fits."""
+    work in fewer launches and fewer ``grad_hidden`` passes), and with ``epilogue`` the widest
+    ``epilogue`` tile too; and ``plan_for_budget``'s choice. By rows; empty if nothing fits."""
     n_rows, vocab = sizes.n_rows, sizes.vocab
     row_counts = {chunk_rows(n_rows, MAX_CHUNK_ROWS)}
     row_counts.update(r for r in (FEW_WHOLE_VOCABULARY_ROWS, *(1 << k for k in range(8, 15))) if MIN_CANDIDATE_ROWS <= r < n_rows)
@@ -211,9 +228,10 @@ def candidate_plans(sizes: PlanSizes, budget: int) -> list[TilePlan]:
         blocks += 1
     plans = []
     for rows in sorted(row_counts):
-        fitting = (TilePlan(rows, cols) for cols in widths if sizes.plan_bytes(TilePlan(rows, cols)) <= budget)
-        if (plan := next(fitting, None)) is not None:
-            plans.append(plan)
+        for kind in (False, True) if epilogue else (False,):
+            fitting = (p for cols in widths if sizes.plan_bytes(p := TilePlan(rows, cols, kind)) <= budget)
+            if (plan := next(fitting, None)) is not None:
+                plans.append(plan)
     try:
         static = plan_for_budget(sizes, budget)
     except ValueError:

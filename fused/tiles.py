@@ -49,6 +49,7 @@ from torch import Tensor
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
+from fused.kernels.logits_product import logit_gradient_tile, logits_with_statistics, partial_buffer
 from fused.plan import TilePlan
 from fused.problem import TileProblem
 from reference.linear_cross_entropy import LossOptions
@@ -166,6 +167,8 @@ def run_tiles(
     """
     compute_dtype = dtypes.compute
     hidden, weight, bias = problem.hidden, problem.weight, problem.bias
+    if plan.epilogue and (entropy or top1 or entropy_grads is not None):
+        raise ValueError("an epilogue tile plan keeps no per-token outputs (entropy, top1): plan without epilogue")
     (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
     want_hidden, want_weight, want_bias = wanted
     blocks = [slice(start, min(start + plan.cols, vocab)) for start in range(0, vocab, plan.cols)]
@@ -174,7 +177,7 @@ def run_tiles(
     # With a tile spanning the vocabulary it takes statistics and gradient in one launch;
     # the losses then follow for all rows at once, after the loop.
     grads_here = lse is None and any(wanted) and loss_grad is None and lse_grad is None and not (entropy or top1)
-    one_launch = grads_here and len(blocks) == 1
+    one_launch = grads_here and len(blocks) == 1 and not plan.epilogue
     losses = None
     if lse is None:
         sum_logits = options.label_smoothing > 0
@@ -203,6 +206,9 @@ def run_tiles(
     acc = None
     if want_hidden and len(blocks) > 1 and hidden.dtype.itemsize < 4:
         acc = torch.empty(plan.rows, d, dtype=torch.float32, device=device)
+    partials = None
+    if plan.epilogue and losses is not None:
+        partials = partial_buffer(plan.rows, plan.cols, compute_dtype, device)
 
     scale = None
     for start in range(0, n, plan.rows):
@@ -214,6 +220,13 @@ def run_tiles(
             write_statistics_and_gradient(logits, queued_targets(problem), stats, lse, rows, options)
         elif losses is not None:
             for cols in blocks:
+                if plan.epilogue:
+                    # Only the last block's logits are read again, by the gradient pass.
+                    logits = logits_with_statistics(
+                        tile, h, weight, bias, cols, queued_targets(problem), stats, rows, options, partials,
+                        store=any(wanted) and cols is blocks[-1], skip_ignored=grads_here,
+                    )
+                    continue
                 logits = logits_tile(tile, h, weight, bias, cols)
                 accumulate_logit_statistics(
                     logits, cols.start, queued_targets(problem), stats, rows, options, skip_ignored=grads_here
@@ -231,14 +244,19 @@ def run_tiles(
         # Backwards through the blocks: the tile still holds the statistics pass's last block
         # (with a single block, the whole row chunk), which then needs no recomputation.
         for k, cols in enumerate(reversed(blocks)):
-            if k > 0 or logits is None:
-                logits = logits_tile(tile, h, weight, bias, cols)
-            if not one_launch:
-                targets = queued_targets(problem)
-                write_logit_gradient(
-                    logits, cols.start, targets, lse, loss_grad, lse_grad, rows, vocab, options,
-                    entropy=forward_entropy, entropy_grad=entropy_grad,
+            recompute = k > 0 or logits is None
+            if recompute and plan.epilogue:
+                logits = logit_gradient_tile(
+                    tile, h, weight, bias, cols, queued_targets(problem), lse, loss_grad, lse_grad, rows, options
                 )
+            else:
+                if recompute:
+                    logits = logits_tile(tile, h, weight, bias, cols)
+                if not one_launch:
+                    write_logit_gradient(
+                        logits, cols.start, queued_targets(problem), lse, loss_grad, lse_grad, rows, vocab, options,
+                        entropy=forward_entropy, entropy_grad=entropy_grad,
+                    )
             if want_bias:
                 grad_bias[cols].add_(logits.sum(0, dtype=bias_acc_dtype), alpha=scale)
             if rounded is not None:

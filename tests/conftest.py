@@ -44,3 +44,19 @@ def pytest_terminal_summary(terminalreporter, config):
         import peer_grids
 
         peer_grids.summary(terminalreporter)
+
+
+@pytest.fixture(params=["row_kernels", "epilogue"])
+def plan_kind(request, monkeypatch):
+    """Each test twice: with the tile plans as the knobs set them (statistics and gradients
+    from the row kernels), and with the same tiles as epilogue plans (the Triton product with
+    the statistics or the gradient in its epilogue), which the measured planner may choose on a
+    GPU but no knob sets."""
+    if request.param == "epilogue":
+        import dataclasses
+
+        import fused.ops
+
+        planned = fused.ops._plan
+        monkeypatch.setattr(fused.ops, "_plan", lambda *args: dataclasses.replace(planned(*args), epilogue=True))
+    return request.param

@@ -20,8 +20,18 @@ from fused.kernels.launch import row_kernel_launch
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
+from fused.kernels.logits_product import (
+    PARTIAL_COLUMNS,
+    logit_gradient_tile,
+    logits_product_kernel,
+    logits_with_statistics,
+    partial_buffer,
+)
 from fused.kernels.upstream_scale import scale_unless_one
 from problems import DEVICE, random_like
+from fused.plan import TilePlan
+from fused.problem import tile_problem as loss_problem
+from fused.tiles import TileDtypes, logits_tile, run_tiles
 from reference.linear_cross_entropy import LossOptions, token_losses, transform_logits
 from reference.per_token_outputs import entropy
 
@@ -251,3 +261,105 @@ def test_upstream_scale_is_skipped_on_the_device_for_one(factor):
     assert int(scaled) == (factor != 1.0)
     for g, b in zip(grads, before):
         assert torch.equal(g, b * factor)  # exact: one rounding of an exact float64 product
+
+
+# ---- the logits product with its epilogue (fused/kernels/logits_product.py) ------------------
+
+
+def product_problem(rows=37, dim=24, vocab=400, seed=3):
+    """Inputs in multiples of 1/4 below 2: every product and sum of products is exact in
+    float32, so the Triton product's logits equal cuBLAS's (or torch's) bit for bit and the
+    epilogue can be held to the row kernels' own results."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randint(-7, 8, (rows, dim), generator=gen) / 4).to(DEVICE)
+    weight = (torch.randint(-7, 8, (vocab, dim), generator=gen) / 4).to(DEVICE)
+    bias = (torch.randint(-7, 8, (vocab,), generator=gen) / 4).to(DEVICE)
+    targets = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    targets[::5] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.fixture(params=[1, 2], ids=["block_n_128", "block_n_256"])
+def product_block(request, monkeypatch):
+    """The product with one partial per block of columns, and with two (BLOCK_N = 256)."""
+    config = logits_product_kernel.configs[0]
+    block = triton.Config({**config.kwargs, "BLOCK_N": request.param * PARTIAL_COLUMNS}, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
+    monkeypatch.setattr(logits_product_kernel, "configs", [block])
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_statistics_in_the_product_epilogue_equal_the_row_kernels(name, product_block):
+    # Two vocabulary blocks, the second narrower than a partial and off the block grid, carried
+    # into the same running statistics; a row chunk in the middle of the tokens; targets in
+    # either block, outside both, and ignored (skipped).
+    options = TRANSFORMS[name]
+    hidden, weight, bias, targets = product_problem()
+    rows = slice(5, 37)
+    h = hidden[rows]
+    blocks = [slice(50, 351), slice(351, 397)]
+    expected = RowStatistics(37, torch.float32, hidden.device, sum_logits=True)
+    got = RowStatistics(37, torch.float32, hidden.device, sum_logits=True)
+    buffer = torch.empty(32 * 301)
+    partials = partial_buffer(32, 301, torch.float32, hidden.device)
+    for cols in blocks:
+        logits = logits_tile(torch.empty(32 * 301), h, weight, bias, cols)
+        accumulate_logit_statistics(logits, cols.start, targets, expected, rows, options, skip_ignored=True)
+        stored = logits_with_statistics(
+            buffer, h, weight, bias, cols, targets, got, rows, options, partials, store=True, skip_ignored=True
+        )
+        assert torch.equal(stored, logits)
+    assert logits_with_statistics(
+        buffer, h, weight, bias, blocks[0], targets, RowStatistics(37, torch.float32, hidden.device, sum_logits=True),
+        rows, options, partials, store=False, skip_ignored=True,
+    ) is None
+    scale = (expected.max[rows].abs() + math.log(347)).max().item()
+    valid = targets[rows] != -100
+    lse, expected_lse = (s.max[rows] + torch.log(s.sumexp[rows]) for s in (got, expected))
+    torch.testing.assert_close(lse[valid], expected_lse[valid], rtol=0, atol=4 * EPS32 * scale)
+    torch.testing.assert_close(got.max, expected.max, rtol=0, atol=0)  # skipped rows: still -inf
+    torch.testing.assert_close(got.target_logit, expected.target_logit, rtol=0, atol=0)
+    torch.testing.assert_close(got.logit_sum[rows][valid], expected.logit_sum[rows][valid], rtol=0,
+                               atol=347 * EPS32 * expected.max[rows][valid].abs().max().item())
+
+
+@pytest.mark.parametrize("upstream", ["unit", "per_token_and_lse"])
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_gradient_in_the_product_epilogue_equals_the_gradient_kernel(name, upstream, product_block):
+    # What the tile holds after logits_tile and write_logit_gradient: the same elementwise
+    # formula (one jit function) on the same logits, so equal to rounding of fused operations.
+    options = TRANSFORMS[name]
+    hidden, weight, bias, targets = product_problem()
+    rows, cols = slice(5, 37), slice(50, 351)
+    lse = torch.randn(37) + 8
+    if upstream == "unit":
+        loss_grad = lse_grad = None
+        lse[targets == -100] = -math.inf  # a forward computing the gradients leaves them so
+    else:
+        loss_grad, lse_grad = torch.randn(37), torch.randn(37)
+    expected = logits_tile(torch.empty(32 * 301), hidden[rows], weight, bias, cols)
+    write_logit_gradient(expected, cols.start, targets, lse, loss_grad, lse_grad, rows, 400, options)
+    got = logit_gradient_tile(
+        torch.empty(32 * 301), hidden[rows], weight, bias, cols, targets, lse, loss_grad, lse_grad, rows, options
+    )
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def test_epilogue_kernels_refuse_what_they_do_not_compute():
+    hidden, weight, bias, targets = product_problem()
+    options = LossOptions()
+    stats = RowStatistics(37, torch.float64, hidden.device, sum_logits=False)
+    with pytest.raises(ValueError, match="16- or 32-bit inputs, not float64"):
+        logits_with_statistics(
+            torch.empty(37 * 400, dtype=torch.float64), hidden.double(), weight.double(), None, slice(0, 400), targets,
+            stats, slice(0, 37), options, partial_buffer(37, 400, torch.float64, hidden.device), store=False,
+            skip_ignored=False,
+        )
+    with pytest.raises(ValueError, match="contiguous"):
+        logit_gradient_tile(torch.empty(37 * 400), hidden.t().contiguous().t(), weight, None, slice(0, 400), targets,
+                            torch.zeros(37), None, None, slice(0, 37), options)
+    problem = loss_problem(hidden, weight, targets, None, options, shift=False, num_items_in_batch=None)
+    dtypes = TileDtypes(torch.float32, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="epilogue tile plan keeps no per-token outputs"):
+        run_tiles(problem, options, TilePlan(37, 400, epilogue=True), dtypes, entropy=True)

@@ -119,7 +119,7 @@ def assert_matches_contract(hidden, weight, bias, labels, *, tiles=None, upstrea
 @pytest.mark.parametrize("return_lse", [False, True], ids=["grads_in_forward", "recompute"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("name", OPTIONS)
-def test_every_option(name, bias, return_lse):
+def test_every_option(name, bias, return_lse, plan_kind):
     # Without return_lse a scalar loss has its gradients computed in the forward pass; with
     # it (or reduction='none') the backward pass recomputes the logits. Both are checked.
     hidden, weight, b, labels = make_problem(bias=bias, seed=1)
@@ -129,7 +129,7 @@ def test_every_option(name, bias, return_lse):
 
 @pytest.mark.parametrize("return_lse", [False, True], ids=["grads_in_forward", "recompute"])
 @pytest.mark.parametrize("tiles", TILES)
-def test_tile_plans(tiles, return_lse):
+def test_tile_plans(tiles, return_lse, plan_kind):
     hidden, weight, b, labels = make_problem(bias=True, seed=2)
     lse_upstream = torch.randn(labels.shape) if return_lse else None
     assert_matches_contract(
@@ -138,7 +138,7 @@ def test_tile_plans(tiles, return_lse):
     )
 
 
-def test_reduction_none_with_every_tile_plan():
+def test_reduction_none_with_every_tile_plan(plan_kind):
     hidden, weight, b, labels = make_problem(bias=True, seed=3)
     upstream, lse_upstream = random_like((2, N), seed=4)
     for tiles in TILES.values():

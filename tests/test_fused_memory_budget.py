@@ -93,3 +93,29 @@ def test_measured_peak_counts_every_per_token_buffer():
     extra = peak_memory_bytes(step, device) - (n + v) * d * 8
     assert 64 * v * 8 <= extra <= budget
 
+
+
+def test_measured_peak_of_an_epilogue_plan_stays_within_its_formula(monkeypatch):
+    # An epilogue plan (no knob sets one: handed to the op as the measured planner would)
+    # with label smoothing, so that all three planes of partial statistics are kept: the
+    # measured extra memory is at least its tile and within PlanSizes.plan_bytes.
+    import fused.ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, d, v = 256, 32, 2048
+    torch.manual_seed(0)
+    h = torch.randn(n, d, device=device, requires_grad=True)
+    w = torch.randn(v, d, device=device, requires_grad=True)
+    y = torch.randint(0, v, (n,), device=device)
+    y[::5] = -100
+    plan = TilePlan(rows=64, cols=v // 2, epilogue=True)
+    budget = PlanSizes(n, v, d, 4).plan_bytes(plan)
+    monkeypatch.setattr(fused.ops, "_plan", lambda *args: plan)
+
+    def step():
+        fused.linear_cross_entropy(h, w, y, label_smoothing=0.1, memory_budget=budget, backend="triton").backward()
+
+    step()
+    h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
+    extra = peak_memory_bytes(step, device) - (n + v) * d * 4
+    assert plan.rows * plan.cols * 4 <= extra <= budget

@@ -137,7 +137,46 @@ def test_a_measured_plan_gives_the_loss_of_the_same_plan_set_by_hand(monkeypatch
     (best,) = mp._chosen.values()  # the forward's one choice (a scalar loss's gradients come with it)
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    same = fused.linear_cross_entropy(hidden, weight, labels, chunk_size=best.rows, vocab_chunk_size=best.cols)
+    # No knob sets an epilogue plan: the same plan, handed to the op as the planner would.
+    monkeypatch.setattr(fused.ops, "_plan", lambda *args: best)
+    same = fused.linear_cross_entropy(hidden, weight, labels, memory_budget=budget)
     same.backward()
     assert torch.equal(loss, same)
     assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
+
+
+def test_epilogue_plans_are_timed_for_the_finalists_rows_and_chosen_only_when_asked_for(clock):
+    sizes, budget = PlanSizes(8192, 128256, 2048, 2), 512 * MiB
+    kind = _kind(sizes)
+    both = candidate_plans(sizes, budget, epilogue=True)
+    base = candidate_plans(sizes, budget)
+    assert [p for p in both if not p.epilogue] == base
+    assert all(sizes.plan_bytes(p) <= budget for p in both)
+    # Made-up times: every epilogue plan is faster than every plan of row kernels.
+    for i, p in enumerate(both):
+        clock.ms[p] = 1 + i / 100 if p.epilogue else 5 + i / 100
+    plan = mp.measured_plan(sizes, budget, kind, clock.run, epilogue=True)
+    finalist_rows = {p.rows for p in sorted(base, key=clock.ms.get)[: mp.FINALISTS]}
+    timed_epilogue = {p for p in clock.runs if p.epilogue}
+    assert {p.rows for p in timed_epilogue} == finalist_rows
+    assert plan == min(timed_epilogue, key=clock.ms.get)
+    # The same kind's timings, for a caller whose pass has no epilogue kernels: never chosen.
+    mp._chosen.clear()
+    clock.runs.clear()
+    assert mp.measured_plan(sizes, budget, kind, clock.run) == min(base, key=clock.ms.get)
+    assert clock.runs == []
+
+
+def test_epilogue_plans_keep_their_kind_in_the_timings_file(clock, monkeypatch, tmp_path):
+    path = tmp_path / "timings.json"
+    monkeypatch.setenv(mp.TIMINGS_FILE_VARIABLE, str(path))
+    sizes = PlanSizes(8191, 49152, 576, 2)
+    for p in candidate_plans(sizes, 512 * MiB, epilogue=True):
+        clock.ms[p] = 1.0 if p.epilogue else 2.0
+    chosen = mp.measured_plan(sizes, 512 * MiB, _kind(sizes), clock.run, epilogue=True)
+    assert chosen.epilogue
+    assert any(name.endswith("+epilogue") for name in json.loads(path.read_text())[_kind(sizes).text()])
+    monkeypatch.setattr(mp, "_timings", None)  # a new process
+    clock.runs.clear()
+    assert mp.measured_plan(sizes, 512 * MiB, _kind(sizes), clock.run, epilogue=True) == chosen
+    assert clock.runs == []

@@ -141,3 +141,13 @@ def test_vocab_chunk_size_is_refused_on_the_reference_path():
     h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
     with pytest.raises(ValueError, match="vocab_chunk_size sets the Triton kernels' tile"):
         fused.linear_cross_entropy(h, w, y, vocab_chunk_size=8, backend="reference")
+
+
+def test_an_epilogue_plan_pays_for_its_partial_statistics():
+    # Three float32 partials (max, sum of exponentials, logit sum) per row and 128 columns.
+    sizes = PlanSizes(8192, 128256, 2048, 2)
+    plain, epilogue = TilePlan(2048, 128256), TilePlan(2048, 128256, epilogue=True)
+    assert sizes.partial_bytes(plain) == 0
+    assert sizes.partial_bytes(epilogue) == 3 * 2048 * 1002 * 4
+    assert sizes.plan_bytes(epilogue) - sizes.plan_bytes(plain) == held_bytes(3 * 2048 * 1002 * 4)
+    assert PlanSizes(8192, 128256, 2048, 2, compute_itemsize=8).partial_bytes(epilogue) == 3 * 2048 * 1002 * 8

@@ -25,6 +25,27 @@ from reference.linear_cross_entropy import LossOptions
 
 
 @triton.jit
+def gradient_of_logits(
+    x, cols, target_col, lse, g, h, entropy, e, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+):
+    """``dL/dx`` of raw logits ``x`` (the compute dtype) in columns ``cols``, for rows with
+    target column ``target_col``, final ``lse``, upstream gradients ``g`` of the loss (0 if
+    ignored), ``h`` of the lse and, with ``HAS_ENTROPY_GRAD``, ``e`` of the ``entropy``: the
+    module's formula, elementwise, so that a row segment (``row_gradient``) and a block of
+    rows with per-row values broadcast (``fused.kernels.logits_product``) share it."""
+    coef_p = g * (1.0 + 2.0 * z_loss * lse) + h
+    coef_target = g * (1.0 - label_smoothing)
+    coef_uniform = g * label_smoothing / vocab_size
+    z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    p = tl.exp(z - lse)
+    dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
+    if HAS_ENTROPY_GRAD:
+        dz += e * p * (lse - entropy - z)
+    return dz * slope
+
+
+@triton.jit
 def row_gradient(
     logits_row, n_cols, target_col, lse, g, h, entropy, e, label_smoothing, z_loss, vocab_size, logit_scale,
     softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
@@ -34,19 +55,15 @@ def row_gradient(
     row's final ``lse``, the upstream gradient ``g`` of its loss (0 if ignored), ``h`` of its
     lse and, with ``HAS_ENTROPY_GRAD``, its ``entropy`` and the upstream gradient ``e`` of it
     (all in the compute dtype)."""
-    coef_p = g * (1.0 + 2.0 * z_loss * lse) + h
-    coef_target = g * (1.0 - label_smoothing)
-    coef_uniform = g * label_smoothing / vocab_size
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_cols
         x = tl.load(logits_row + cols, mask=in_row, other=0.0).to(lse.dtype)
-        z, slope = transform_logits_with_slope(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
-        p = tl.exp(z - lse)
-        dz = coef_p * p - tl.where(cols == target_col, coef_target, 0.0) - coef_uniform
-        if HAS_ENTROPY_GRAD:
-            dz += e * p * (lse - entropy - z)
-        tl.store(logits_row + cols, (dz * slope).to(logits_row.dtype.element_ty), mask=in_row)
+        dx = gradient_of_logits(
+            x, cols, target_col, lse, g, h, entropy, e, label_smoothing, z_loss, vocab_size, logit_scale, softcap,
+            HAS_SCALE, HAS_SOFTCAP, HAS_ENTROPY_GRAD,
+        )
+        tl.store(logits_row + cols, dx.to(logits_row.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
