@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fused.per_token
-from fused.plan import tile_plan
+from fused.ops import plan_tiles
 from problems import DEVICE
 from reference.per_token_outputs import per_token_outputs, per_token_transform
 
@@ -26,7 +26,7 @@ SETTINGS = {"plain": (1.0, None, 1.0), "temperature-softcap-scale": (1.3, 3.0, 0
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(fused.per_token, "tile_plan", functools.partial(tile_plan, chunk_size=16, vocab_chunk_size=40))
+    monkeypatch.setattr(fused.per_token, "plan_tiles", functools.partial(plan_tiles, chunk_size=16, vocab_chunk_size=40))
 
 
 def problem(tie: bool = False):
