@@ -141,3 +141,19 @@ def test_vocab_chunk_size_is_refused_on_the_reference_path():
     h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
     with pytest.raises(ValueError, match="vocab_chunk_size sets the Triton kernels' tile"):
         fused.linear_cross_entropy(h, w, y, vocab_chunk_size=8, backend="reference")
+
+
+@pytest.mark.parametrize("compute_itemsize", [4, 8])
+def test_per_token_outputs_add_their_bytes_and_leave_the_default_tile(compute_itemsize):
+    # fused.per_token: with entropy, 2 statistics a token (the entropies, a second temporary);
+    # with top1, one more and a boolean flag (tests/test_fused_memory_budget.py measures them).
+    n, v, d = 8192, 128256, 2048
+    loss = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize)
+    entropy = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize, entropy=True)
+    both = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize, entropy=True, top1=True)
+    assert entropy.fixed_bytes() - loss.fixed_bytes() == 2 * compute_itemsize * n
+    assert both.fixed_bytes() - loss.fixed_bytes() == (3 * compute_itemsize + 1) * n
+    assert tile_plan(both) == tile_plan(loss)  # the default budget is for the tile, beyond these
+    # A budget that holds the loss's default tile holds a smaller one with the outputs.
+    budget = loss.plan_bytes(tile_plan(loss))
+    assert plan_for_budget(both, budget).rows < tile_plan(loss).rows
