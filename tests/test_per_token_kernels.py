@@ -34,7 +34,8 @@ SETTINGS = {"plain": (1.0, None, 1.0), "temperature-softcap-scale": (1.3, 3.0, 0
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(fused.per_token, "plan_tiles", functools.partial(plan_tiles, chunk_size=16, vocab_chunk_size=40))
+    small = functools.partial(plan_tiles, chunk_size=16, vocab_chunk_size=40)
+    monkeypatch.setattr(fused.per_token, "plan_tiles", small)
 
 
 def problem(tie: bool = False):
