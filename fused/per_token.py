@@ -11,9 +11,10 @@ target); the backward walks them once more, each gradient tile carrying the
 log-probability's term and the entropy's, ``e * p * (lse - z - H)``.
 
 Each pass plans its tiles as the loss does (``fused.ops.plan_tiles``: on a GPU the fastest
-measured, its own kind of pass, ``forward,grads=,entropy,top1`` and ``backward,grads=hw,
-entropy_grad``), with the default budget for the tile beyond the per-token statistics and
-outputs, whose memory ``fused.plan.PlanSizes`` counts (``entropy``, ``top1``).
+measured, timed as a pass of its own kind, such as ``forward,grads=,entropy,top1`` and
+``backward,grads=hw,entropy_grad``), with the default budget for the tile beyond the
+per-token statistics and outputs, whose memory ``fused.plan.PlanSizes`` counts (``entropy``,
+``top1``).
 
 On the kernels' devices (CUDA, or the interpreter with ``backend='triton'``) this runs the
 Triton kernels; elsewhere the reference. Under ``torch.autocast`` the matmuls run in the
