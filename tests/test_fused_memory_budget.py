@@ -100,7 +100,6 @@ def test_measured_peak_counts_every_per_token_buffer():
     assert 64 * v * 8 <= extra <= budget
 
 
-
 @pytest.mark.parametrize("top1", [False, True], ids=["entropy", "entropy_top1"])
 def test_measured_peak_counts_every_token_output_buffer(monkeypatch, top1):
     # fused.per_token (TRL's fused_lm_head) keeps per-token outputs beside the loss's
