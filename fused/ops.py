@@ -122,9 +122,34 @@ def _gradients_fake(inputs: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
+def plan_tiles(
+    problem: TileProblem,
+    sizes: PlanSizes,
+    dtypes: TileDtypes,
+    pass_name: str,
+    run: Callable[[TilePlan], object],
+    *,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> TilePlan:
+    """The tile plan for a pass over ``problem``, whose memory ``sizes`` describes: as the knobs
+    set it, else the fastest that fits the budget, measured on a GPU (``fused.measured_plan``;
+    ``pass_name`` names what the pass computes, ``run(plan)`` runs it with ``plan``)."""
+    device = problem.hidden.device
+    if chunk_size is None and vocab_chunk_size is None and measuring(device):
+        kind = problem_kind(sizes, device, (problem.hidden.dtype, *dataclasses.astuple(dtypes)), pass_name)
+        # Epilogue plans where their kernels serve the pass: 16-bit products, float32
+        # statistics, no per-token outputs (in float32 cuBLAS's products are faster by far).
+        epilogue = (
+            problem.hidden.dtype.itemsize == 2 and dtypes.compute == torch.float32 and not (sizes.entropy or sizes.top1)
+        )
+        return measured_plan(sizes, budget_bytes(sizes, memory_budget), kind, run, epilogue=epilogue)
+    return tile_plan(sizes, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, memory_budget=memory_budget)
+
+
 def _plan(problem: TileProblem, inputs: LossInputs, dtypes: TileDtypes, pass_name: str, run: Callable[[TilePlan], object]) -> TilePlan:
-    """The tile plan for this pass: as the knobs set it, else the fastest that fits the budget,
-    measured on a GPU (``fused.measured_plan``, ``run(plan)`` runs the pass with ``plan``)."""
+    """``plan_tiles`` for the loss of ``inputs``, with its knobs."""
     (n, hidden_dim), vocab = problem.hidden.shape, problem.weight.shape[0]
     itemsize = problem.hidden.element_size()
     sizes = PlanSizes(
@@ -133,27 +158,23 @@ def _plan(problem: TileProblem, inputs: LossInputs, dtypes: TileDtypes, pass_nam
         logits_itemsize=None if inputs.logits_dtype is None else inputs.logits_dtype.itemsize,
         weight_accumulator=_accumulates_weight(problem, inputs),
     )
-    if inputs.chunk_size is None and inputs.vocab_chunk_size is None and measuring(problem.hidden.device):
-        kind = problem_kind(sizes, problem.hidden.device, (problem.hidden.dtype, *dataclasses.astuple(dtypes)), pass_name)
-        # Epilogue plans where their kernels are built for it: 16-bit products with float32
-        # statistics (in float32 inputs cuBLAS's products are the faster by far).
-        epilogue = problem.hidden.dtype.itemsize == 2 and dtypes.compute == torch.float32
-        return measured_plan(sizes, budget_bytes(sizes, inputs.memory_budget), kind, run, epilogue=epilogue)
-    return tile_plan(
-        sizes, chunk_size=inputs.chunk_size, vocab_chunk_size=inputs.vocab_chunk_size, memory_budget=inputs.memory_budget
+    return plan_tiles(
+        problem, sizes, dtypes, pass_name, run, chunk_size=inputs.chunk_size, vocab_chunk_size=inputs.vocab_chunk_size,
+        memory_budget=inputs.memory_budget,
     )
 
 
-def _pass_name(inputs: LossInputs, *, backward: bool, lse_grad: bool = False) -> str:
+def describe_pass(options: LossOptions, wanted: tuple[bool, bool, bool], *, backward: bool, **work: bool) -> str:
     """What a pass computes, as far as it changes which plan is fastest: forward or
-    backward, the gradients, the options that add work to the row kernels."""
-    options = inputs.options()
+    backward, the gradients ``wanted`` for (hidden, weight, bias), the ``work`` flags set
+    (as named: ``lse_grad``, ``entropy``...) and the options that add work to the row kernels."""
     parts = [
         "backward" if backward else "forward",
-        "grads=" + "".join(name[0] for name, wanted in zip(_GRADIENTS, inputs.wanted()) if wanted),
+        "grads=" + "".join(name[0] for name, want in zip(_GRADIENTS, wanted) if want),
     ]
+    parts += [name for name, on in work.items() if on]
     parts += [name for name, on in (
-        ("lse_grad", lse_grad), ("smoothing", options.label_smoothing > 0), ("z_loss", options.z_loss > 0),
+        ("smoothing", options.label_smoothing > 0), ("z_loss", options.z_loss > 0),
         ("softcap", options.softcap is not None), ("scale", options.logit_scale is not None),
     ) if on]
     return ",".join(parts)
@@ -217,7 +238,7 @@ def _forward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     alpha = functools.partial(_forward_gradient_scale, problem, inputs)
     dtypes = _tile_dtypes(problem, inputs)
     run = functools.partial(run_tiles, problem, options, dtypes=dtypes, wanted=inputs.wanted())
-    plan = _plan(problem, inputs, dtypes, _pass_name(inputs, backward=False), run)
+    plan = _plan(problem, inputs, dtypes, describe_pass(options, inputs.wanted(), backward=False), run)
     out = run(plan=plan, alpha=alpha)
     # Nothing computed from bad labels leaves the op: without gradients nothing has read them yet.
     problem.label_check.read()
@@ -272,7 +293,7 @@ def _backward(*args) -> tuple[Tensor, Tensor, Tensor]:
         lse_grad=None if upstream.lse_grad is None else upstream.lse_grad.reshape(n).contiguous(),
         wanted=inputs.wanted(),
     )
-    pass_name = _pass_name(inputs, backward=True, lse_grad=upstream.lse_grad is not None)
+    pass_name = describe_pass(options, inputs.wanted(), backward=True, lse_grad=upstream.lse_grad is not None)
     out = run(plan=_plan(problem, inputs, dtypes, pass_name, run))
     return _gradients_out(out, inputs)
 

@@ -10,6 +10,12 @@ maximum (``is_top1``), without the ``N x V`` logits. One walk over the tiles com
 target); the backward walks them once more, each gradient tile carrying the
 log-probability's term and the entropy's, ``e * p * (lse - z - H)``.
 
+Each pass plans its tiles as the loss does (``fused.ops.plan_tiles``: on a GPU the fastest
+measured, timed as a pass of its own kind, such as ``forward,grads=,entropy,top1`` and
+``backward,grads=hw,entropy_grad``), with the default budget for the tile beyond the
+per-token statistics and outputs, whose memory ``fused.plan.PlanSizes`` counts (``entropy``,
+``top1``).
+
 On the kernels' devices (CUDA, or the interpreter with ``backend='triton'``) this runs the
 Triton kernels; elsewhere the reference. Under ``torch.autocast`` the matmuls run in the
 autocast dtype and the statistics in float32, as ``fused.linear_cross_entropy`` does.
@@ -17,34 +23,44 @@ autocast dtype and the statistics in float32, as ``fused.linear_cross_entropy`` 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from fused.api import BACKENDS, KERNELS_INTERPRETED, computes_as_autocast_would
-from fused.plan import PlanSizes, tile_plan
-from fused.problem import tile_problem
+from fused.ops import describe_pass, plan_tiles
+from fused.plan import PlanSizes
+from fused.problem import TileProblem, tile_problem
 from fused.tiles import TileDtypes, run_tiles
 from reference.linear_cross_entropy import LossOptions
 from reference.per_token_outputs import per_token_outputs
 
 
-def _tiles(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, options: LossOptions):
+def _tiles(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, options: LossOptions, top1: bool
+) -> tuple[TileProblem, PlanSizes, TileDtypes]:
+    """The tile loop's problem, the sizes its plan's memory depends on, and its dtypes. Both
+    passes' sizes count the forward's per-token outputs (``PlanSizes.token_output_bytes``):
+    one budget holds for the forward and the backward, whose own per-token buffers are fewer."""
     problem = tile_problem(hidden, weight, targets, bias, options, shift=False, num_items_in_batch=None)
-    (n, d), vocab = hidden.shape, weight.shape[0]
-    sizes = PlanSizes(n, vocab, d, hidden.element_size(), has_bias=bias is not None)
+    (n, d), vocab = problem.hidden.shape, weight.shape[0]
+    sizes = PlanSizes(n, vocab, d, hidden.element_size(), has_bias=bias is not None, entropy=True, top1=top1)
     dtypes = TileDtypes(compute=torch.float32, logits=hidden.dtype, weight_sum=weight.dtype)
-    return problem, tile_plan(sizes), dtypes
+    return problem, sizes, dtypes
 
 
 class _TokenOutputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, logit_scale, softcap, top1):
         options = LossOptions(reduction="none", logit_scale=logit_scale, softcap=softcap)
-        problem, plan, dtypes = _tiles(hidden, weight, bias, targets, options)
-        out = run_tiles(problem, options, plan, dtypes, entropy=True, top1=top1)
+        problem, sizes, dtypes = _tiles(hidden, weight, bias, targets, options, top1)
+        run = functools.partial(run_tiles, problem, options, dtypes=dtypes, entropy=True, top1=top1)
+        pass_name = describe_pass(options, (False, False, False), backward=False, entropy=True, top1=top1)
+        out = run(plan=plan_tiles(problem, sizes, dtypes, pass_name, run))
         problem.label_check.read()  # nothing computed from bad targets leaves
         ctx.save_for_backward(hidden, weight, bias, targets, out.lse, out.entropy)
-        ctx.options = options
+        ctx.options, ctx.top1 = options, top1
         is_top1 = out.is_top1 if top1 else torch.zeros(0, dtype=torch.bool, device=hidden.device)
         ctx.mark_non_differentiable(is_top1)
         return -out.losses, out.entropy, is_top1
@@ -52,14 +68,17 @@ class _TokenOutputs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, _):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        problem, plan, dtypes = _tiles(hidden, weight, bias, targets, ctx.options)
+        problem, sizes, dtypes = _tiles(hidden, weight, bias, targets, ctx.options, ctx.top1)
         loss_grad = -grad_log_probs if grad_log_probs is not None else torch.zeros_like(lse)
         # No entropy gradient (a metric only): the gradient kernel without its entropy term.
         entropy_grads = None if grad_entropy is None else (entropy, grad_entropy.contiguous())
-        out = run_tiles(
-            problem, ctx.options, plan, dtypes, lse=lse, loss_grad=loss_grad, entropy_grads=entropy_grads,
-            wanted=tuple(ctx.needs_input_grad[:3]),
+        wanted = tuple(ctx.needs_input_grad[:3])
+        run = functools.partial(
+            run_tiles, problem, ctx.options, dtypes=dtypes, lse=lse, loss_grad=loss_grad, entropy_grads=entropy_grads,
+            wanted=wanted,
         )
+        pass_name = describe_pass(ctx.options, wanted, backward=True, entropy_grad=entropy_grads is not None)
+        out = run(plan=plan_tiles(problem, sizes, dtypes, pass_name, run))
         return out.hidden, out.weight, out.bias, None, None, None, None
 
 

@@ -104,8 +104,10 @@ def _largest_request(room: int) -> int:
 class PlanSizes:
     """What a plan's memory depends on: ``n_rows`` tokens, ``vocab`` entries, ``hidden_dim``
     features of ``itemsize`` bytes; statistics of ``compute_itemsize`` bytes; a bias or not;
-    logits tiles of ``logits_itemsize`` bytes (None: the inputs' own, as transformers); and
-    whether ``grad_weight`` is summed over row chunks in a float32 accumulator."""
+    logits tiles of ``logits_itemsize`` bytes (None: the inputs' own, as transformers);
+    whether ``grad_weight`` is summed over row chunks in a float32 accumulator; and the
+    per-token outputs the tile loop keeps besides the loss (``fused.tiles.run_tiles``'s
+    ``entropy`` and ``top1``, as ``fused.per_token`` asks for them)."""
 
     n_rows: int
     vocab: int
@@ -115,6 +117,8 @@ class PlanSizes:
     has_bias: bool = False
     logits_itemsize: int | None = None
     weight_accumulator: bool = False
+    entropy: bool = False
+    top1: bool = False
 
     @property
     def tile_bytes_per_logit(self) -> int:
@@ -123,12 +127,24 @@ class PlanSizes:
         logits = self.logits_itemsize or self.itemsize
         return logits + (self.itemsize if logits != self.itemsize else 0)
 
+    def token_output_bytes(self) -> int:
+        """The per-token outputs' memory beyond ``statistics_bytes``, ``s'`` bytes a statistic.
+        With ``entropy``: ``2 * s'`` a token, the entropies and, while they are finished, a
+        second temporary beside the one ``statistics_bytes`` counts (the weighted sum of
+        exponentials takes the place of the logit sum, which this path never keeps: it has no
+        label smoothing). With ``top1``: ``s' + 1`` more, the largest logit left of the target
+        and the boolean flags. The backward holds less: the forward's lse, entropies and
+        outputs, the loss gradient it makes (``-grad_log_probs``) and at most a contiguous
+        copy of the entropy's gradient, the statistics gone."""
+        per_token = (2 * self.compute_itemsize if self.entropy else 0) + (self.compute_itemsize + 1 if self.top1 else 0)
+        return per_token * self.n_rows
+
     def fixed_bytes(self) -> int:
-        """The memory every plan holds whatever its tile: the per-token statistics; with a
-        bias, its gradient's accumulator and one tile's column sums (``V`` entries each in the
-        wider of the inputs' and the statistics' dtypes); the float32 ``grad_weight``
-        accumulator when asked for."""
-        total = statistics_bytes(self.n_rows, self.compute_itemsize)
+        """The memory every plan holds whatever its tile: the per-token statistics and outputs
+        (``token_output_bytes``); with a bias, its gradient's accumulator and one tile's column
+        sums (``V`` entries each in the wider of the inputs' and the statistics' dtypes); the
+        float32 ``grad_weight`` accumulator when asked for."""
+        total = statistics_bytes(self.n_rows, self.compute_itemsize) + self.token_output_bytes()
         if self.has_bias:
             total += 2 * held_bytes(self.vocab * max(self.itemsize, self.compute_itemsize, self.logits_itemsize or 0))
         if self.weight_accumulator:

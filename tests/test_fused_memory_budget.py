@@ -1,10 +1,16 @@
 """The memory_budget knob end to end: the same loss and gradients as the contract, and a
 measured peak within the budget (the planner's arithmetic: tests/test_plan.py)."""
 
+import functools
+import gc
+
 import pytest
 import torch
 
 import fused
+import fused.per_token
+from fused.measured_plan import SWITCH_VARIABLE
+from fused.ops import plan_tiles
 from fused.plan import PlanSizes, TilePlan, plan_for_budget, statistics_bytes
 from reference.linear_cross_entropy import linear_cross_entropy as contract
 from reference.peak_memory import peak_memory_bytes
@@ -119,3 +125,49 @@ def test_measured_peak_of_an_epilogue_plan_stays_within_its_formula(monkeypatch)
     h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
     extra = peak_memory_bytes(step, device) - (n + v) * d * 4
     assert plan.rows * plan.cols * 4 <= extra <= budget
+
+
+@pytest.mark.parametrize("top1", [False, True], ids=["entropy", "entropy_top1"])
+def test_measured_peak_counts_every_token_output_buffer(monkeypatch, top1):
+    # fused.per_token (TRL's fused_lm_head) keeps per-token outputs beside the loss's
+    # statistics (PlanSizes.token_output_bytes). Budgets of exactly one whole-problem tile, at
+    # two token counts: forward and backward stay within the budget, and the forward's peak
+    # grows from one count to the other by exactly the formula's growth. The difference
+    # cancels the 8 KiB the formula allows for small tensors, which would hide a buffer of a
+    # byte or four per token left out of it. int32 targets: the int64 copy statistics_bytes
+    # counts is made. On CUDA, counts whose boolean buffers fill whole 512-byte blocks.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv(SWITCH_VARIABLE, "0")  # the constants' plan, not the fastest measured
+    d, v = 8, 64
+    counts = (512, 1536) if device == "cuda" else (64, 192)
+    forward_peaks, budgets = {}, {}
+    for n in counts:
+        sizes = PlanSizes(n, v, d, 4, entropy=True, top1=top1)
+        budgets[n] = sizes.plan_bytes(TilePlan(rows=n, cols=v))
+        assert plan_for_budget(sizes, budgets[n]) == TilePlan(rows=n, cols=v)
+        monkeypatch.setattr(fused.per_token, "plan_tiles", functools.partial(plan_tiles, memory_budget=budgets[n]))
+        torch.manual_seed(0)
+        h = torch.randn(n, d, device=device, requires_grad=True)
+        w = torch.randn(v, d, device=device, requires_grad=True)
+        y = torch.randint(0, v, (n,), dtype=torch.int32, device=device)
+        y[::5] = -100
+        a, b = torch.randn(2, n, device=device)
+
+        def forward():
+            return fused.per_token.token_outputs(h, w, y, top1=top1, backend="triton")
+
+        def step():
+            found = forward()
+            # Under the interpreter a launch's tensors stay in reference cycles until the cyclic
+            # collector runs (compiled launches leave none): without it the forward's tile
+            # could outlive the forward.
+            gc.collect()
+            torch.autograd.backward((found["log_probs"], found["entropy"]), (a, b))
+
+        step()  # cuBLAS allocates its workspace with the first product
+        h.grad = w.grad = None  # freed before the measurement starts: the gradients count inside it
+        extra = peak_memory_bytes(step, device) - (n + v) * d * 4
+        assert n * v * 4 <= extra <= budgets[n]
+        forward_peaks[n] = peak_memory_bytes(forward, device)
+    first, last = counts
+    assert forward_peaks[last] - forward_peaks[first] == budgets[last] - budgets[first]

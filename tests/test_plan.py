@@ -151,3 +151,19 @@ def test_an_epilogue_plan_pays_for_its_partial_statistics():
     assert sizes.partial_bytes(epilogue) == 3 * 2048 * 1002 * 4
     assert sizes.plan_bytes(epilogue) - sizes.plan_bytes(plain) == held_bytes(3 * 2048 * 1002 * 4)
     assert PlanSizes(8192, 128256, 2048, 2, compute_itemsize=8).partial_bytes(epilogue) == 3 * 2048 * 1002 * 8
+
+
+@pytest.mark.parametrize("compute_itemsize", [4, 8])
+def test_per_token_outputs_add_their_bytes_and_leave_the_default_tile(compute_itemsize):
+    # fused.per_token: with entropy, 2 statistics a token (the entropies, a second temporary);
+    # with top1, one more and a boolean flag (tests/test_fused_memory_budget.py measures them).
+    n, v, d = 8192, 128256, 2048
+    loss = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize)
+    entropy = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize, entropy=True)
+    both = PlanSizes(n, v, d, 2, compute_itemsize=compute_itemsize, entropy=True, top1=True)
+    assert entropy.fixed_bytes() - loss.fixed_bytes() == 2 * compute_itemsize * n
+    assert both.fixed_bytes() - loss.fixed_bytes() == (3 * compute_itemsize + 1) * n
+    assert tile_plan(both) == tile_plan(loss)  # the default budget is for the tile, beyond these
+    # A budget that holds the loss's default tile holds a smaller one with the outputs.
+    budget = loss.plan_bytes(tile_plan(loss))
+    assert plan_for_budget(both, budget).rows < tile_plan(loss).rows
