@@ -14,9 +14,9 @@ plan of "all rows" stands for every token count of its bucket.
 - First call of a kind: each candidate (ten at most) runs once to warm up and once or twice
   timed; the three fastest run twice more, and the least time decides. At most
   ``3 * candidates + 6`` runs of the loss, each within the budget's memory: on an H200, 0.2 to
-  3 seconds at the benchmark's shapes (``results/``). For 16-bit inputs the epilogue plans of
-  the three fastest row counts (``TilePlan.epilogue``) are timed after them, the same way:
-  up to 15 runs more.
+  3 seconds at the benchmark's shapes (``results/``). With ``FUSED_EPILOGUE_PLANS=1``, for
+  16-bit inputs, the epilogue plans of the three fastest row counts (``TilePlan.epilogue``)
+  are timed after them, the same way: up to 15 runs more.
 - A larger budget never chooses a slower plan: the choice is the fastest of every measured
   plan that fits, a superset of what fits a smaller budget.
 - One plan's results are bitwise deterministic. Plans differ in rounding (``grad_weight`` is
@@ -41,6 +41,10 @@ from fused.plan import PlanSizes, TilePlan, candidate_plans, plan_for_budget
 
 TIMINGS_FILE_VARIABLE = "FUSED_PLAN_TIMINGS"
 SWITCH_VARIABLE = "FUSED_MEASURED_PLANS"
+# Epilogue plans are timed only when this is "1": on the H200 every one measured lost to the
+# plans of cuBLAS and the row kernels (results/epilogue/), and timing them multiplies the cost
+# of a first call. A device where a Triton product keeps up with cuBLAS may differ.
+EPILOGUE_VARIABLE = "FUSED_EPILOGUE_PLANS"
 # Candidates slower than this multiple of the fastest are timed once only.
 SLOW = 1.5
 # The fastest few candidates are timed twice more, against noise.
@@ -169,10 +173,11 @@ def measured_plan(
 ) -> TilePlan:
     """The fastest measured plan within ``budget`` bytes for a problem of ``sizes`` and
     ``kind``; ``run(plan)`` runs the pass with a plan, for timing the candidates not yet
-    measured. The candidates are ``candidate_plans``; with ``epilogue``, also the epilogue
-    plans of the ``FINALISTS`` fastest candidates' row counts, timed after them (an epilogue
-    plan replaces the row kernels of a tile, so it can only win where the tile's rows
-    already do well). Raises ``ValueError`` (``plan_for_budget``'s) if no plan fits."""
+    measured. The candidates are ``candidate_plans``; with ``epilogue`` (the pass can run
+    epilogue plans) and ``$FUSED_EPILOGUE_PLANS=1``, also the epilogue plans of the
+    ``FINALISTS`` fastest candidates' row counts, timed after them (an epilogue plan replaces
+    the row kernels of a tile, so it can only win where the tile's rows already do well).
+    Raises ``ValueError`` (``plan_for_budget``'s) if no plan fits."""
     timings = plan_timings()
     key = (kind, sizes, budget)
     if (plan := _chosen.get(key)) is not None:
@@ -190,6 +195,7 @@ def measured_plan(
             _chosen.clear()
 
     time_untimed(candidates)
+    epilogue = epilogue and os.environ.get(EPILOGUE_VARIABLE) == "1"
     if epilogue:
         finalist_rows = {p.rows for p in sorted(candidates, key=measured.__getitem__)[:FINALISTS]}
         time_untimed([

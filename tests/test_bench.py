@@ -23,6 +23,7 @@ from bench.problems import IGNORE_INDEX, Shape, make_problem, parse_shape
 from bench.records import SCHEMA, json_safe
 from bench.time_breakdown import kernel_kind, time_breakdown
 from bench.truth import float32_truth, relative_error
+from problems import DEVICE
 from reference.linear_cross_entropy import linear_cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -505,3 +506,24 @@ def test_autocast_runs_every_method_and_the_bound_under_autocast(tmp_path):
     eager, fused_default = records["torch_eager"], records["fused@default"]
     assert eager["status"] == fused_default["status"] == "ok", (eager, fused_default)
     assert fused_default["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+
+
+def test_epilogue_bench_records_both_kinds_of_plan(tmp_path, capsys):
+    # bench.epilogue on the suite's device (the interpreter on CPU), float32: every piece and
+    # plan timed, and the epilogue plan's gradients those of the row kernels' plan.
+    from bench import epilogue
+
+    epilogue.main(["--device", str(DEVICE), "--dtype", "float32", "--shapes", "64x16x300",
+                   "--budget", "1", "--reps", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("epilogue_*.json")
+    doc = json.loads(path.read_text())
+    assert doc["finished"] and doc["provenance"].startswith("python -m bench.epilogue")
+    (entry,) = doc["records"]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["shape"] == entry["shape"] == "64x16x300"
+    assert set(entry["pieces"]) == {"cublas_product_ms", "row_kernel_statistics_and_gradient_ms",
+                                    "epilogue_statistics_ms", "epilogue_statistics_unstored_ms", "epilogue_gradient_ms"}
+    assert all(ms > 0 for ms in entry["pieces"].values())
+    assert set(entry["plans"]) == {"default", "1MiB"}
+    for plan in entry["plans"].values():
+        assert plan["row_kernels"]["ms"] > 0 and plan["epilogue"]["ms"] > 0
+        assert max(plan["epilogue"]["grad_rel_diff"]) < 1e-5

@@ -20,13 +20,8 @@ from fused.kernels.launch import row_kernel_launch
 from fused.kernels.logit_gradient import write_logit_gradient
 from fused.kernels.logit_statistics import RowStatistics, accumulate_logit_statistics
 from fused.kernels.logit_statistics_and_gradient import write_statistics_and_gradient
-from fused.kernels.logits_product import (
-    PARTIAL_COLUMNS,
-    logit_gradient_tile,
-    logits_product_kernel,
-    logits_with_statistics,
-    partial_buffer,
-)
+from fused.kernels import logits_product
+from fused.kernels.logits_product import PARTIAL_COLUMNS, logit_gradient_tile, logits_with_statistics, partial_buffer
 from fused.kernels.upstream_scale import scale_unless_one
 from problems import DEVICE, random_like
 from fused.plan import TilePlan
@@ -271,10 +266,10 @@ def product_problem(rows=37, dim=24, vocab=400, seed=3):
     float32, so the Triton product's logits equal cuBLAS's (or torch's) bit for bit and the
     epilogue can be held to the row kernels' own results."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = (torch.randint(-7, 8, (rows, dim), generator=gen) / 4).to(DEVICE)
-    weight = (torch.randint(-7, 8, (vocab, dim), generator=gen) / 4).to(DEVICE)
-    bias = (torch.randint(-7, 8, (vocab,), generator=gen) / 4).to(DEVICE)
-    targets = torch.randint(0, vocab, (rows,), generator=gen).to(DEVICE)
+    hidden = (torch.randint(-7, 8, (rows, dim), generator=gen, device="cpu") / 4).to(DEVICE)
+    weight = (torch.randint(-7, 8, (vocab, dim), generator=gen, device="cpu") / 4).to(DEVICE)
+    bias = (torch.randint(-7, 8, (vocab,), generator=gen, device="cpu") / 4).to(DEVICE)
+    targets = torch.randint(0, vocab, (rows,), generator=gen, device="cpu").to(DEVICE)
     targets[::5] = -100
     return hidden, weight, bias, targets
 
@@ -282,10 +277,7 @@ def product_problem(rows=37, dim=24, vocab=400, seed=3):
 @pytest.fixture(params=[1, 2], ids=["block_n_128", "block_n_256"])
 def product_block(request, monkeypatch):
     """The product with one partial per block of columns, and with two (BLOCK_N = 256)."""
-    config = logits_product_kernel.configs[0]
-    block = triton.Config({**config.kwargs, "BLOCK_N": request.param * PARTIAL_COLUMNS}, num_warps=config.num_warps,
-                          num_stages=config.num_stages)
-    monkeypatch.setattr(logits_product_kernel, "configs", [block])
+    monkeypatch.setitem(logits_product.LAUNCH, "BLOCK_N", request.param * PARTIAL_COLUMNS)
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)

@@ -145,7 +145,17 @@ def test_a_measured_plan_gives_the_loss_of_the_same_plan_set_by_hand(monkeypatch
     assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
 
 
-def test_epilogue_plans_are_timed_for_the_finalists_rows_and_chosen_only_when_asked_for(clock):
+def test_epilogue_plans_are_timed_only_when_switched_on(clock, monkeypatch):
+    sizes, budget = PlanSizes(8192, 128256, 2048, 2), 512 * MiB
+    for p in candidate_plans(sizes, budget, epilogue=True):
+        clock.ms[p] = 1.0 if p.epilogue else 2.0
+    monkeypatch.delenv(mp.EPILOGUE_VARIABLE, raising=False)
+    assert not mp.measured_plan(sizes, budget, _kind(sizes), clock.run, epilogue=True).epilogue
+    assert clock.runs and not any(p.epilogue for p in clock.runs)
+
+
+def test_epilogue_plans_are_timed_for_the_finalists_rows_and_chosen_only_when_asked_for(clock, monkeypatch):
+    monkeypatch.setenv(mp.EPILOGUE_VARIABLE, "1")
     sizes, budget = PlanSizes(8192, 128256, 2048, 2), 512 * MiB
     kind = _kind(sizes)
     both = candidate_plans(sizes, budget, epilogue=True)
@@ -170,6 +180,7 @@ def test_epilogue_plans_are_timed_for_the_finalists_rows_and_chosen_only_when_as
 def test_epilogue_plans_keep_their_kind_in_the_timings_file(clock, monkeypatch, tmp_path):
     path = tmp_path / "timings.json"
     monkeypatch.setenv(mp.TIMINGS_FILE_VARIABLE, str(path))
+    monkeypatch.setenv(mp.EPILOGUE_VARIABLE, "1")
     sizes = PlanSizes(8191, 49152, 576, 2)
     for p in candidate_plans(sizes, 512 * MiB, epilogue=True):
         clock.ms[p] = 1.0 if p.epilogue else 2.0

@@ -38,24 +38,24 @@ from fused.kernels.logit_statistics import RowStatistics
 from fused.kernels.logit_transform import transform_logits
 from reference.linear_cross_entropy import LossOptions
 
-# A row's partial statistics cover this many columns each, whichever BLOCK_N (a multiple of
-# it) the autotuner takes: 12 bytes of partials per 256 bytes of 16-bit logits.
+# A row's partial statistics cover this many columns each, whatever BLOCK_N (a multiple of
+# it): 12 bytes of partials per 256 bytes of 16-bit logits.
 PARTIAL_COLUMNS = 128
 # Partial statistics per (row, column block): max, sum of exponentials, sum of logits.
 PARTIAL_STATISTICS = 3
 
 
-def _configs() -> list[triton.Config]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter runs each program in numpy: few, small programs.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": PARTIAL_COLUMNS, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4))
-    ]
+# One launch configuration, not an autotuned choice: BLOCK_N and the warps decide the order
+# in which a partial's exponentials are summed, and a plan's results must not depend on which
+# configuration a process's timings favoured. 256 x 128 blocks (8 warps, 3 stages) were the
+# fastest of those timed on an H200 (``results/epilogue/``); the interpreter, which runs each
+# program in numpy, takes few, small ones.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    LAUNCH = {"BLOCK_M": 32, "BLOCK_N": PARTIAL_COLUMNS, "BLOCK_K": 32, "GROUP_M": 4}
+else:
+    LAUNCH = {"BLOCK_M": 256, "BLOCK_N": PARTIAL_COLUMNS, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-@triton.autotune(configs=_configs(), key=["n_cols", "hidden_dim", "GRADIENT", "STORE_LOGITS"])
 @triton.jit
 def logits_product_kernel(
     hidden_ptr, weight_ptr, bias_ptr, out_ptr, out_stride, targets_ptr,
@@ -208,13 +208,12 @@ def _launch(out: Tensor, hidden_rows: Tensor, weight: Tensor, bias: Tensor | Non
     if not (hidden_rows.is_contiguous() and weight.is_contiguous() and out.is_contiguous()):
         raise ValueError("the logits product's epilogue kernels take contiguous hidden rows, weight and tile")
 
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
-
+    grid = (triton.cdiv(n_rows, LAUNCH["BLOCK_M"]) * triton.cdiv(n_cols, LAUNCH["BLOCK_N"]),)
     logits_product_kernel[grid](
         hidden_rows, weight, bias if bias is not None else hidden_rows, out, out.stride(0), targets,
         n_rows=n_rows, n_cols=n_cols, hidden_dim=hidden_rows.shape[1], col_offset=cols.start,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(hidden_rows), PARTIAL_COLS=PARTIAL_COLUMNS, **kw,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(hidden_rows), PARTIAL_COLS=PARTIAL_COLUMNS,
+        **LAUNCH, **kw,
     )
 
 

@@ -127,6 +127,18 @@ def test_precision_rule_with_other_tile_plans(tiles, data):
     assert_precision_rule(hidden, weight, None, labels, fused_kwargs=tiles)
 
 
+@pytest.mark.parametrize("plan_kind", ["epilogue"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("tiles", [{}, {"vocab_chunk_size": 20000}], ids=["whole_vocabulary", "vocabulary_blocks"])
+def test_epilogue_plans_meet_the_precision_rule_and_repeat_bitwise(tiles, dtype, plan_kind):
+    # The Triton product rounds its float32 sums to the tile's dtype as cuBLAS does; its
+    # statistics and gradients must keep eager's error, and one plan's results repeat exactly.
+    hidden, weight, _, labels = make_problem(2048, 2048, 128256, dtype)
+    assert_precision_rule(hidden, weight, None, labels, fused_kwargs=tiles)
+    first, again = (loss_and_grads(linear_cross_entropy, hidden, weight, None, labels, **tiles) for _ in range(2))
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_precision_rule_with_every_option(dtype):
     hidden, weight, b, labels = make_problem(2048, 2048, 128256, dtype, bias=True, shape=(4, 512))
