@@ -5,6 +5,8 @@ A tile is ``rows`` tokens by ``cols`` vocabulary entries (``fused.plan.tile_plan
 
 1. cuBLAS writes the tile's raw logits ``hidden_rows @ weight_cols.T (+ bias)`` in the
    inputs' dtype into one reused buffer, as the contract computes them before ``.float()``.
+   (An epilogue plan computes the tile with a Triton product that does step 2, or with the
+   final ``lse`` known step 3, on each block before storing it: ``fused.kernels.logits_product``.)
 2. ``logit_statistics`` makes one pass over the tile: online max and sum of exponentials,
    target logit, logit sum, in float32, carried across the vocabulary blocks of the rows.
    After the last block: ``lse`` and the per-token loss (``finish_statistics``).
@@ -24,6 +26,9 @@ and ``r = rows``, ``c = cols`` (``s' = 4``, 8 for ``compute_dtype=float64``)::
   + r * D * 4     (c < V, s < 4)  the float32 sum of a row chunk's grad_hidden over blocks
   + 2 * V * s'    (bias grad)     grad_bias summed in float32, and one tile's column sums
   + 7 * N * s' + 9 * N + 8 KiB   per-token statistics, lse, losses, int64 targets, a temporary
+  + 3 * r * ceil(c / 128) * s'   (epilogue plan) partial statistics of the logits product
+  + 2 * N * s'    (entropy)       fused.per_token's entropies and a second temporary
+  + N * s' + N    (top1)          the largest logit left of each target, and the flags
 
 and on CUDA up to 1 MiB more for each buffer above 1 MiB (the caching allocator's blocks):
 ``fused.plan.plan_bytes`` is this formula.

@@ -276,8 +276,11 @@ def product_problem(rows=37, dim=24, vocab=400, seed=3):
 
 @pytest.fixture(params=[1, 2], ids=["block_n_128", "block_n_256"])
 def product_block(request, monkeypatch):
-    """The product with one partial per block of columns, and with two (BLOCK_N = 256)."""
+    """The product with one partial per block of columns, and with two (BLOCK_N = 256; at
+    most 128 rows, so that the GPU's shared memory holds the wider block's pipeline)."""
     monkeypatch.setitem(logits_product.LAUNCH, "BLOCK_N", request.param * PARTIAL_COLUMNS)
+    if request.param > 1:
+        monkeypatch.setitem(logits_product.LAUNCH, "BLOCK_M", min(logits_product.LAUNCH["BLOCK_M"], 128))
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
