@@ -8,20 +8,22 @@ plus the bias, rounded to the tile's dtype as ``lm_head`` rounds them) and, whil
 ``BLOCK_M x BLOCK_N`` block is still in registers, does the row kernel's work on it:
 
 * **statistics**: for each row of the block, the max of its transformed logits, the sum of
-  ``exp(z - max)`` and (for label smoothing) the sum of ``z``, written to a partial buffer of
-  ``(rows, cdiv(cols, BLOCK_N))`` entries per statistic; and the target logit, by the one block
-  that holds the target's column. ``fold_partial_statistics`` then merges a row's partials
-  into its running statistics (``fused.kernels.logit_statistics.RowStatistics``): a read of
-  ``1 / BLOCK_N`` of the tile's entries instead of the whole tile. The logits are stored only
-  when a gradient pass will read them.
+  ``exp(z - max)`` and (for label smoothing) the sum of ``z`` over each ``PARTIAL_COLUMNS``
+  columns, written to a partial buffer of ``(rows, cdiv(cols, PARTIAL_COLUMNS))`` entries per
+  statistic; and the target logit, by the one block that holds the target's column. A second
+  kernel then merges a row's partials into its running statistics
+  (``fused.kernels.logit_statistics.RowStatistics``): a read of ``1 / PARTIAL_COLUMNS`` of the
+  tile's entries instead of the whole tile. The logits are stored only when a gradient pass
+  will read them.
 * **gradient**: with every row's final ``lse`` known, ``dL/dx`` itself is stored, as
   ``logit_gradient`` would write it over stored logits: 2 bytes a logit instead of 6.
 
-What it costs: a Triton matmul is not cuBLAS, and which wins depends on the shape and the
-device, so the measured planner (``fused.measured_plan``) times plans of both kinds
-(``TilePlan.epilogue``). The arithmetic of a row's statistics differs from the row kernel's
-in order only (blocks of ``BLOCK_N`` columns merged in order), so results are bitwise
-deterministic for a given plan and launch configuration.
+What it costs: a Triton matmul is not cuBLAS. On the H200 this one alone takes longer than
+cuBLAS's product and the row kernel together (``python -m bench.epilogue``), so the saved
+bytes never pay there, and the measured planner (``fused.measured_plan``) times epilogue plans
+(``TilePlan.epilogue``) only when asked to. The arithmetic of a row's statistics differs from
+the row kernel's in order only (partials merged in column order), and the launch
+configuration is fixed, so one plan's results are bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ PARTIAL_STATISTICS = 3
 
 # One launch configuration, not an autotuned choice: BLOCK_N and the warps decide the order
 # in which a partial's exponentials are summed, and a plan's results must not depend on which
-# configuration a process's timings favoured. 256 x 128 blocks (8 warps, 3 stages) were the
-# fastest of those timed on an H200 (``results/epilogue/``); the interpreter, which runs each
-# program in numpy, takes few, small ones.
+# configuration a process's timings favoured. 256 x 128 blocks (8 warps, 3 stages) made the
+# fastest plain product of the configurations tried on an H200; the interpreter, which runs
+# each program in numpy, takes few, small ones.
 if os.environ.get("TRITON_INTERPRET") == "1":
     LAUNCH = {"BLOCK_M": 32, "BLOCK_N": PARTIAL_COLUMNS, "BLOCK_K": 32, "GROUP_M": 4}
 else:
