@@ -198,9 +198,7 @@ def measured_plan(
     epilogue = epilogue and os.environ.get(EPILOGUE_VARIABLE) == "1"
     if epilogue:
         finalist_rows = {p.rows for p in sorted(candidates, key=measured.__getitem__)[:FINALISTS]}
-        time_untimed([
-            p for p in candidate_plans(sizes, budget, epilogue=True) if p.epilogue and p.rows in finalist_rows
-        ])
+        time_untimed([p for p in candidate_plans(sizes, budget, epilogue=True) if p.rows in finalist_rows])
     fitting = [p for p in measured if sizes.plan_bytes(p) <= budget and (epilogue or not p.epilogue)]
     # Ties go to the larger tile, then the fewer rows: a deterministic order.
     plan = min(fitting, key=lambda p: (measured[p], -p.rows * p.cols, p.rows))

@@ -231,8 +231,9 @@ def candidate_plans(sizes: PlanSizes, budget: int, *, epilogue: bool = False) ->
     from ``MIN_CANDIDATE_ROWS`` below ``n_rows``, ``FEW_WHOLE_VOCABULARY_ROWS`` and the
     row chunk of ``chunk_rows``) the widest tile that fits, of the whole vocabulary or of equal
     blocks no narrower than ``MIN_BUDGET_COLS`` (a wider tile of the same rows does the same
-    work in fewer launches and fewer ``grad_hidden`` passes), and with ``epilogue`` the widest
-    ``epilogue`` tile too; and ``plan_for_budget``'s choice. By rows; empty if nothing fits."""
+    work in fewer launches and fewer ``grad_hidden`` passes); and ``plan_for_budget``'s
+    choice. With ``epilogue``, the widest ``epilogue`` tile of each row count instead (no
+    constants' choice). By rows; empty if nothing fits."""
     n_rows, vocab = sizes.n_rows, sizes.vocab
     row_counts = {chunk_rows(n_rows, MAX_CHUNK_ROWS)}
     row_counts.update(r for r in (FEW_WHOLE_VOCABULARY_ROWS, *(1 << k for k in range(8, 15))) if MIN_CANDIDATE_ROWS <= r < n_rows)
@@ -244,10 +245,11 @@ def candidate_plans(sizes: PlanSizes, budget: int, *, epilogue: bool = False) ->
         blocks += 1
     plans = []
     for rows in sorted(row_counts):
-        for kind in (False, True) if epilogue else (False,):
-            fitting = (p for cols in widths if sizes.plan_bytes(p := TilePlan(rows, cols, kind)) <= budget)
-            if (plan := next(fitting, None)) is not None:
-                plans.append(plan)
+        fitting = (p for cols in widths if sizes.plan_bytes(p := TilePlan(rows, cols, epilogue)) <= budget)
+        if (plan := next(fitting, None)) is not None:
+            plans.append(plan)
+    if epilogue:
+        return plans
     try:
         static = plan_for_budget(sizes, budget)
     except ValueError:

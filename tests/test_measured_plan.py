@@ -147,7 +147,7 @@ def test_a_measured_plan_gives_the_loss_of_the_same_plan_set_by_hand(monkeypatch
 
 def test_epilogue_plans_are_timed_only_when_switched_on(clock, monkeypatch):
     sizes, budget = PlanSizes(8192, 128256, 2048, 2), 512 * MiB
-    for p in candidate_plans(sizes, budget, epilogue=True):
+    for p in candidate_plans(sizes, budget) + candidate_plans(sizes, budget, epilogue=True):
         clock.ms[p] = 1.0 if p.epilogue else 2.0
     monkeypatch.delenv(mp.EPILOGUE_VARIABLE, raising=False)
     assert not mp.measured_plan(sizes, budget, _kind(sizes), clock.run, epilogue=True).epilogue
@@ -158,10 +158,11 @@ def test_epilogue_plans_are_timed_for_the_finalists_rows_and_chosen_only_when_as
     monkeypatch.setenv(mp.EPILOGUE_VARIABLE, "1")
     sizes, budget = PlanSizes(8192, 128256, 2048, 2), 512 * MiB
     kind = _kind(sizes)
-    both = candidate_plans(sizes, budget, epilogue=True)
     base = candidate_plans(sizes, budget)
-    assert [p for p in both if not p.epilogue] == base
-    assert all(sizes.plan_bytes(p) <= budget for p in both)
+    both = base + candidate_plans(sizes, budget, epilogue=True)
+    assert not any(p.epilogue for p in base)
+    assert all(p.epilogue and sizes.plan_bytes(p) <= budget for p in both[len(base):])
+    assert {p.rows for p in both[len(base):]} == {p.rows for p in base}  # one each: the memory fits
     # Made-up times: every epilogue plan is faster than every plan of row kernels.
     for i, p in enumerate(both):
         clock.ms[p] = 1 + i / 100 if p.epilogue else 5 + i / 100
@@ -182,7 +183,7 @@ def test_epilogue_plans_keep_their_kind_in_the_timings_file(clock, monkeypatch, 
     monkeypatch.setenv(mp.TIMINGS_FILE_VARIABLE, str(path))
     monkeypatch.setenv(mp.EPILOGUE_VARIABLE, "1")
     sizes = PlanSizes(8191, 49152, 576, 2)
-    for p in candidate_plans(sizes, 512 * MiB, epilogue=True):
+    for p in candidate_plans(sizes, 512 * MiB) + candidate_plans(sizes, 512 * MiB, epilogue=True):
         clock.ms[p] = 1.0 if p.epilogue else 2.0
     chosen = mp.measured_plan(sizes, 512 * MiB, _kind(sizes), clock.run, epilogue=True)
     assert chosen.epilogue
